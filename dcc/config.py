@@ -1,0 +1,269 @@
+"""Structured configs: one dataclass per Hydra config group, validated when the job starts.
+
+Enum fields make OmegaConf reject a wrong value at composition time with a message that names the
+key and the allowed values (``Invalid value 'foo', expected one of [deeplabv3plus, pspnet]
+full_key: segnet.name``). Cross-field rules that a type cannot express live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Choice(Enum):
+    """An option of a config key; prints as its bare name (so ``${dataset.name}`` interpolates to ``digits``)."""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DatasetName(Choice):
+    digits = "digits"
+
+
+class SegNetName(Choice):
+    deeplabv3plus = "deeplabv3plus"
+    pspnet = "pspnet"
+
+
+class Method(Choice):
+    suponly = "suponly"  # L = L_ce
+    st = "st"  # offline self-training: teacher -> pseudo-labels -> retrain
+    cac = "cac"  # L = L_ce + lambda * L_dc (or the L2 alignment of row I)
+
+
+class OptimName(Choice):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Task(Choice):
+    train = "train"
+    summary = "summary"
+
+
+class LoggerName(Choice):
+    mlflow = "mlflow"
+    none = "none"
+
+
+@dataclass
+class ScenesConfig:
+    """Generator of the embedded digits dataset (ignored by real datasets)."""
+
+    num_train: int = 2000
+    num_val: int = 300
+    image_size: int = 64
+    digits_per_image: list[int] = field(default_factory=lambda: [1, 3])
+    digit_size: list[int] = field(default_factory=lambda: [24, 40])
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    name: DatasetName = DatasetName.digits
+    root: str = "${oc.env:DCC_CACHE,${oc.env:HOME,.}/.cache/dcc}"
+    num_classes: int = 11
+    ignore_index: int = 255
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    base_size: int = 400  # long side before the random scale
+    crop_size: int = 320
+    labeled_scale: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    unlabeled_scale: list[float] = field(default_factory=lambda: [0.8, 2.0])
+    iou_range: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    flip: bool = True
+    color_jitter_p: float = 0.0  # labeled images (Cityscapes: 1.0)
+    unlabeled_color_jitter_p: float = 0.8
+    unlabeled_grayscale_p: float = 0.2
+    unlabeled_blur_p: float = 0.5
+    blur_kernel: int = 5
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+
+
+@dataclass
+class SplitConfig:
+    name: str = MISSING  # 1_16, 1_8, 1_4, full
+    fraction: float = MISSING  # share of the training images that keep their labels
+    seed: int = 42
+
+
+@dataclass
+class SegNetConfig:
+    name: SegNetName = SegNetName.deeplabv3plus
+    output_stride: int = 16  # backbone output stride
+    channels: int = 256  # width of the decoder / PPM output fed to classifier and projector
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    multi_grid: list[int] = field(default_factory=lambda: [1, 2, 4])
+    low_level_channels: int = 48
+    bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    dropout: float = 0.5  # inside ASPP / decoder
+    classifier_dropout: float = 0.1
+    consistency_stride: int = 8  # stride of the features that enter the consistency loss
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # any timm model that supports features_only
+    weights: Optional[str] = None  # local torchvision- or timm-format state dict
+    pretrained: bool = False  # load timm's own weights from its local cache
+    allow_download: bool = False  # let timm download them when they are not cached
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class LossConfig:
+    preset: str = "ablation_viii"
+    method: Method = Method.cac
+    proj: bool = True  # non-linear projector Phi
+    context: bool = True  # two different overlapping crops (else the same crop twice)
+    cl: bool = True  # contrastive loss (else L2 alignment of the positive pair, row I)
+    dir: bool = True  # directional mask, Eq. 2
+    ns: bool = True  # negative sampling, Eq. 5
+    pf: bool = True  # positive filtering, Eq. 7
+    weight: float = 0.1  # lambda
+    temperature: float = 0.1  # tau
+    pos_threshold: float = 0.75  # gamma
+    start_step: int = 5785  # 5 epochs x 1157 iterations
+    selected_num: int = 6400  # negatives sampled per view per step
+    bank_steps: int = 1  # FIFO bank keeps the current step and this many previous ones
+    proj_dim: int = 128
+    teacher_checkpoint: Optional[str] = None  # st: skip the teacher phase
+    st_threshold: float = 0.0  # st: pseudo-labels below this confidence are ignored
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = OptimName.sgd
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 0.1
+    poly_power: float = 0.9
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 92560
+    batch_size: int = 8  # labeled images per step (total over devices)
+    unlabeled_batch_size: int = 8  # unlabeled pairs per step
+    num_workers: int = 2
+    eval_every: int = 1157
+    eval_batch_size: int = 1
+    log_every: int = 20
+    checkpoint_every: int = 1157
+    resume: bool = False
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.fp32
+    threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
+    runs_root: str = "runs"  # run directories live under <launch dir>/<runs_root>/
+    progress: bool = True
+    num_vis: int = 8  # validation images in the prediction grid
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.mlflow
+    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
+    experiment: str = "${dataset.name}"
+    log_checkpoint: bool = True
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    segnet: SegNetConfig = field(default_factory=SegNetConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    task: Task = Task.train
+
+
+def register_configs() -> None:
+    """Register the schema that types every group (conf/config.yaml lists it first in its defaults)."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A combination of options that means nothing; raised before any data is loaded."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field rules. ``cfg`` is the composed DictConfig (or a :class:`Config`)."""
+    loss = cfg.loss
+    method = Method[str(getattr(loss.method, "name", loss.method))]
+    switches = ("proj", "context", "cl", "dir", "ns", "pf")
+    if method is not Method.cac:
+        on = [s for s in switches if loss[s]]
+        _check(
+            not on,
+            f"loss.method={method.name} has no consistency branch, so "
+            + ", ".join(f"loss.{s}=true" for s in on)
+            + " means nothing: set them to false or use loss.method=cac",
+        )
+    else:
+        for s in ("dir", "ns", "pf"):
+            _check(
+                loss.cl or not loss[s],
+                f"loss.{s}=true needs the contrastive loss (loss.cl=true): without it the positive pair is "
+                f"aligned with an L2 loss (ablation row I), which has no directional mask, negatives or positive filter",
+            )
+    _check(loss.weight >= 0, f"loss.weight (lambda) must be >= 0, got {loss.weight}")
+    _check(loss.temperature > 0, f"loss.temperature (tau) must be > 0, got {loss.temperature}")
+    _check(0.0 <= loss.pos_threshold < 1.0, f"loss.pos_threshold (gamma) must be in [0, 1), got {loss.pos_threshold}")
+    _check(loss.selected_num > 0, f"loss.selected_num must be > 0, got {loss.selected_num}")
+    _check(loss.bank_steps >= 0, f"loss.bank_steps must be >= 0, got {loss.bank_steps}")
+    _check(loss.start_step >= 0, f"loss.start_step must be >= 0, got {loss.start_step}")
+    _check(0.0 < cfg.split.fraction <= 1.0, f"split.fraction must be in (0, 1], got {cfg.split.fraction}")
+    _check(cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}")
+    _check(cfg.trainer.batch_size > 0, f"trainer.batch_size must be > 0, got {cfg.trainer.batch_size}")
+    for key in ("eval_every", "log_every", "checkpoint_every"):
+        _check(cfg.trainer[key] > 0, f"trainer.{key} must be > 0, got {cfg.trainer[key]}")
+    ds = cfg.dataset
+    stride = cfg.segnet.consistency_stride
+    _check(
+        ds.crop_size % stride == 0,
+        f"dataset.crop_size={ds.crop_size} must be a multiple of segnet.consistency_stride={stride} "
+        "(the two crops' feature cells must align)",
+    )
+    lo, hi = ds.iou_range
+    _check(0.0 <= lo <= hi <= 1.0, f"dataset.iou_range must satisfy 0 <= low <= high <= 1, got {list(ds.iou_range)}")
+    import timm
+
+    _check(
+        timm.is_model(cfg.backbone.name),
+        f"backbone.name={cfg.backbone.name!r} is not a timm model (see timm.list_models(), e.g. resnet18, resnet50, resnet101)",
+    )
+    seg = SegNetName[str(getattr(cfg.segnet.name, "name", cfg.segnet.name))]
+    _check(cfg.segnet.output_stride in (8, 16, 32), f"segnet.output_stride must be 8, 16 or 32, got {cfg.segnet.output_stride}")
+    if seg is SegNetName.pspnet:
+        _check(
+            cfg.segnet.consistency_stride == cfg.segnet.output_stride,
+            "segnet=pspnet outputs features at the backbone stride: segnet.consistency_stride must equal "
+            f"segnet.output_stride ({cfg.segnet.output_stride}), got {cfg.segnet.consistency_stride}",
+        )
+    else:
+        _check(
+            cfg.segnet.consistency_stride % 4 == 0,
+            f"segnet.consistency_stride must be a multiple of the decoder stride 4, got {cfg.segnet.consistency_stride}",
+        )

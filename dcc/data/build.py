@@ -1,0 +1,187 @@
+"""From the ``dataset`` / ``split`` / ``trainer`` configs to sources, split indices and loaders.
+
+Every sample's augmentation is seeded from (run seed, position in the sample stream), so a run that
+is killed and resumed at step s draws exactly the batches an uninterrupted run draws from step s on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dcc.config import DatasetName
+from dcc.data.datasets import ArraySource, LabeledDataset, UnlabeledPairDataset
+from dcc.data.digits import load_digit_scenes
+
+
+@dataclass
+class DataBundle:
+    train: Any  # Source of the training images (with labels)
+    val: Any  # Source of the validation images
+    labeled: np.ndarray  # indices into train that keep their labels
+    unlabeled: np.ndarray  # indices into train used without labels
+
+
+def load_sources(cfg: Any) -> tuple[Any, Any]:
+    ds = cfg.dataset
+    name = ds.name if isinstance(ds.name, DatasetName) else DatasetName[str(ds.name)]
+    if name is DatasetName.digits:
+        sc = ds.scenes
+        arrays = load_digit_scenes(
+            Path(ds.root).expanduser() / "digits",
+            num_train=sc.num_train,
+            num_val=sc.num_val,
+            image_size=sc.image_size,
+            digits_per_image=tuple(sc.digits_per_image),
+            digit_size=tuple(sc.digit_size),
+            seed=sc.seed,
+        )
+        return (
+            ArraySource(arrays["train_images"], arrays["train_masks"]),
+            ArraySource(arrays["val_images"], arrays["val_masks"]),
+        )
+    raise ValueError(f"dataset.name={name.name} has no loader")  # pragma: no cover - enum is exhaustive
+
+
+def split_indices(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic labeled/unlabeled split. With every label kept (``full``), all images are also used unlabeled."""
+    n_labeled = max(1, int(round(num_train * fraction)))
+    perm = np.random.default_rng(seed).permutation(num_train)
+    labeled = np.sort(perm[:n_labeled])
+    unlabeled = np.sort(perm[n_labeled:]) if n_labeled < num_train else np.arange(num_train)
+    return labeled, unlabeled
+
+
+def build_data(cfg: Any) -> DataBundle:
+    train, val = load_sources(cfg)
+    labeled, unlabeled = split_indices(len(train), cfg.split.fraction, cfg.split.seed)
+    return DataBundle(train=train, val=val, labeled=labeled, unlabeled=unlabeled)
+
+
+def _stream_key(seed: int, position: int, stream: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{stream}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class StepSampler(Sampler):
+    """Endless stream of ``(key, index)``: a fresh permutation per epoch, ``key`` seeds the sample's augmentation.
+
+    Starting at ``start`` (a sample position, i.e. step x batch size) reproduces the stream exactly.
+    """
+
+    def __init__(self, num_items: int, *, seed: int, stream: str, start: int = 0) -> None:
+        self.num_items, self.seed, self.stream, self.start = num_items, seed, stream, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start
+        epoch, perm = -1, None
+        while True:
+            if position // self.num_items != epoch:
+                epoch = position // self.num_items
+                gen = torch.Generator().manual_seed(_stream_key(self.seed, epoch, self.stream + "/perm"))
+                perm = torch.randperm(self.num_items, generator=gen).tolist()
+            yield _stream_key(self.seed, position, self.stream), perm[position % self.num_items]
+            position += 1
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that item ``(key, i)`` is ``dataset[i]`` drawn with torch's RNG seeded by ``key``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        key, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(key)
+            return self.dataset[index]
+
+
+def _loader(dataset: Dataset, batch_size: int, sampler: Sampler, cfg: Any, device: torch.device) -> DataLoader:
+    workers = cfg.trainer.num_workers
+    return DataLoader(
+        SeededItems(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=True,
+        generator=torch.Generator(),  # keeps the loader from consuming the global RNG
+    )
+
+
+def labeled_loader(
+    cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device, stream: str = "labeled",
+    batch_size: int | None = None,
+) -> DataLoader:
+    ds = cfg.dataset
+    dataset = LabeledDataset(
+        source,
+        indices.tolist(),
+        train=True,
+        crop_size=ds.crop_size,
+        base_size=ds.base_size,
+        scale_range=tuple(ds.labeled_scale),
+        mean=list(ds.mean),
+        std=list(ds.std),
+        flip=ds.flip,
+        color_jitter_p=ds.color_jitter_p,
+        ignore_index=ds.ignore_index,
+    )
+    batch = batch_size or cfg.trainer.batch_size
+    sampler = StepSampler(len(dataset), seed=cfg.trainer.seed, stream=stream, start=start_step * batch)
+    return _loader(dataset, batch, sampler, cfg, device)
+
+
+def unlabeled_loader(
+    cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device
+) -> DataLoader:
+    ds = cfg.dataset
+    dataset = UnlabeledPairDataset(
+        source,
+        indices.tolist(),
+        crop_size=ds.crop_size,
+        base_size=ds.base_size,
+        scale_range=tuple(ds.unlabeled_scale),
+        stride=cfg.segnet.consistency_stride,
+        iou_range=tuple(ds.iou_range),
+        context=cfg.loss.context,
+        mean=list(ds.mean),
+        std=list(ds.std),
+        flip=ds.flip,
+        color_jitter_p=ds.unlabeled_color_jitter_p,
+        grayscale_p=ds.unlabeled_grayscale_p,
+        blur_p=ds.unlabeled_blur_p,
+        blur_kernel=ds.blur_kernel,
+    )
+    batch = cfg.trainer.unlabeled_batch_size
+    sampler = StepSampler(len(dataset), seed=cfg.trainer.seed, stream="unlabeled", start=start_step * batch)
+    return _loader(dataset, batch, sampler, cfg, device)
+
+
+def eval_loader(cfg: Any, source: Any, device: torch.device) -> DataLoader:
+    ds = cfg.dataset
+    dataset = LabeledDataset(
+        source,
+        list(range(len(source))),
+        train=False,
+        crop_size=ds.crop_size,
+        base_size=ds.base_size,
+        scale_range=tuple(ds.labeled_scale),
+        mean=list(ds.mean),
+        std=list(ds.std),
+        ignore_index=ds.ignore_index,
+    )
+    return DataLoader(
+        dataset, batch_size=cfg.trainer.eval_batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda"
+    )

@@ -1,0 +1,53 @@
+"""Model construction from the ``segnet`` / ``backbone`` / ``loss`` config groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dcc.config import Method, SegNetName
+from dcc.models.backbone import Backbone, WeightsError, load_local_weights
+from dcc.models.heads import DeepLabV3PlusHead, PSPHead
+from dcc.models.segmentor import Projector, Segmentor
+
+__all__ = ["Backbone", "Segmentor", "Projector", "WeightsError", "build_model", "load_local_weights"]
+
+
+def _enum(value: Any, enum: type) -> Any:
+    return value if isinstance(value, enum) else enum[str(value)]
+
+
+def build_model(cfg: Any) -> Segmentor:
+    seg, bb = cfg.segnet, cfg.backbone
+    name = _enum(seg.name, SegNetName)
+    backbone = Backbone(
+        bb.name,
+        output_stride=seg.output_stride,
+        multi_grid=list(seg.multi_grid),
+        weights=bb.weights,
+        pretrained=bb.pretrained,
+        allow_download=bb.allow_download,
+        kwargs=dict(bb.kwargs),
+    )
+    if name is SegNetName.deeplabv3plus:
+        head = DeepLabV3PlusHead(
+            backbone.low_channels,
+            backbone.high_channels,
+            channels=seg.channels,
+            rates=list(seg.aspp_rates),
+            low_level_channels=seg.low_level_channels,
+            dropout=seg.dropout,
+        )
+    else:
+        head = PSPHead(
+            backbone.high_channels, channels=seg.channels, bins=list(seg.bins), stride=backbone.output_stride,
+            dropout=seg.dropout,
+        )
+    uses_projector = _enum(cfg.loss.method, Method) is Method.cac and cfg.loss.proj
+    return Segmentor(
+        backbone,
+        head,
+        cfg.dataset.num_classes,
+        classifier_dropout=seg.classifier_dropout,
+        proj_dim=cfg.loss.proj_dim if uses_projector else None,
+        consistency_stride=seg.consistency_stride,
+    )

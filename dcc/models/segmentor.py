@@ -1,0 +1,81 @@
+"""The segmentation model: backbone -> head -> classifier, plus the projector Phi of the consistency branch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcc.models.backbone import Backbone
+
+
+class Projector(nn.Module):
+    """Phi: 1x1 conv d->d, ReLU, 1x1 conv d->proj_dim (no BN), as in the authors' code."""
+
+    def __init__(self, channels: int, proj_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True), nn.Conv2d(channels, proj_dim, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Segmentor(nn.Module):
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        num_classes: int,
+        *,
+        classifier_dropout: float,
+        proj_dim: int | None,
+        consistency_stride: int,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.classifier_dropout = nn.Dropout(classifier_dropout)
+        self.classifier = nn.Conv2d(head.out_channels, num_classes, 1)
+        self.projector = Projector(head.out_channels, proj_dim) if proj_dim else None
+        if consistency_stride % head.stride:
+            raise ValueError(f"consistency stride {consistency_stride} is not a multiple of the head stride {head.stride}")
+        self.consistency_stride = consistency_stride
+        self._pool = consistency_stride // head.stride
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's feature map f (stride 4 for DeepLabv3+, 8 for PSPNet)."""
+        return self.head(*self.backbone(x))
+
+    def classify(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.classifier_dropout(feats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the input resolution."""
+        logits = self.classify(self.features(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def consistency_outputs(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the consistency branch needs from one view, at the consistency stride (8).
+
+        Returns ``(phi, logits)``: the L2-normalised projection Phi(f) (or f itself without the
+        projector, ablation row VII) and the classifier's logits on the same cells, computed without
+        dropout and without gradient (they only give pseudo-labels and confidences).
+        """
+        if self._pool > 1:
+            feats = F.avg_pool2d(feats, self._pool)
+        phi = self.projector(feats) if self.projector is not None else feats
+        with torch.no_grad():
+            logits = self.classifier(feats.detach())
+        return F.normalize(phi, dim=1), logits
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, everything else): the backbone trains at lr x backbone_lr_mult."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        return backbone, [p for p in self.parameters() if id(p) not in ids]
+
+    def param_counts(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+        return {"total": count(self), "backbone": count(self.backbone), "projector": count(self.projector)}

@@ -1,0 +1,77 @@
+"""Self-training baseline (Table 3, ST), offline as the authors describe it:
+train a supervised-only teacher, pseudo-label the unlabeled images, retrain on labeled + pseudo-labeled."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dcc import checkpoint as ckpt
+from dcc.config import Method
+from dcc.data.build import DataBundle, eval_loader
+from dcc.evaluate import predict_whole
+from dcc.models import Segmentor, build_model
+from dcc.train import FitResult, fit
+
+log = logging.getLogger(__name__)
+
+
+class PseudoLabeledSource:
+    """The unlabeled training images with the teacher's pseudo-labels (a Source: ``load(i) -> (image, mask)``)."""
+
+    def __init__(self, base: Any, indices: np.ndarray, masks: list[np.ndarray]) -> None:
+        self.base, self.indices, self.masks = base, indices, masks
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        image, _ = self.base.load(int(self.indices[i]))
+        return image, self.masks[i]
+
+
+@torch.no_grad()
+def pseudo_label(model: Segmentor, cfg: Any, data: DataBundle, device: torch.device) -> PseudoLabeledSource:
+    """Argmax of the teacher at native resolution; pixels under ``loss.st_threshold`` confidence become ignore."""
+    model.eval()
+    loader = eval_loader(cfg, _Unlabeled(data.train, data.unlabeled), device)
+    masks: list[np.ndarray] = []
+    for image, _ in loader:
+        prob = predict_whole(model, image.to(device)).softmax(1)
+        conf, label = prob.max(1)
+        label[conf < cfg.loss.st_threshold] = cfg.dataset.ignore_index
+        masks.extend(label.to(torch.uint8).cpu().numpy())
+    return PseudoLabeledSource(data.train, data.unlabeled, masks)
+
+
+class _Unlabeled:
+    """The unlabeled subset of a source, with a dummy mask (the eval loader expects one)."""
+
+    def __init__(self, base: Any, indices: np.ndarray) -> None:
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        image, _ = self.base.load(int(self.indices[i]))
+        return image, np.zeros(image.shape[:2], dtype=np.uint8)
+
+
+def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, run_dir: Path) -> FitResult:
+    if cfg.loss.teacher_checkpoint:
+        teacher = build_model(cfg).to(device)
+        teacher.projector = None
+        state = ckpt.load(cfg.loss.teacher_checkpoint)
+        teacher.load_state_dict(state.get("model", state))
+        log.info("self-training: teacher from %s", cfg.loss.teacher_checkpoint)
+    else:
+        teacher = fit(cfg, data, device, tracker, run_dir / "teacher", prefix="teacher/", method=Method.suponly).model
+    pseudo = pseudo_label(teacher, cfg, data, device)
+    del teacher
+    return fit(cfg, data, device, tracker, run_dir, method=Method.suponly,
+               extra_labeled=(pseudo, np.arange(len(pseudo))))

@@ -1,0 +1,140 @@
+"""MLflow tracking of one job: params (the flattened config), tags, metrics and artifacts.
+
+Uses ``MlflowClient`` with explicit run ids, so that several jobs of one process (a Hydra multirun)
+and a resumed job never depend on a global "active run".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a/b": 1}``; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def default_tracking_uri(launch_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+
+
+def git_commit(cwd: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class NullTracker:
+    """``logger=none``: logs nothing."""
+
+    run_id: str | None = None
+
+    def start(self, **_: Any) -> None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def describe(self) -> str:
+        return "MLflow logging is off (logger=none)"
+
+
+class MLflowTracker:
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except Exception:  # noqa: BLE001 - another job created it first
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start(
+        self, *, run_id: str | None, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+        config_yaml: str,
+    ) -> str:
+        """Resume ``run_id`` when given (and present), else create a run and log params, tags and the config."""
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        self.experiment_id = self._experiment_id()
+        if run_id is not None:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                return run_id
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cannot resume MLflow run %s (%s): starting a new run", run_id, exc)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        self.client.log_text(self.run_id, config_yaml, "config.yaml")
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def describe(self) -> str:
+        uri = self.tracking_uri
+        url = f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if uri.startswith(("http://", "https://")):
+            return f"MLflow run {self.run_id}: {uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"MLflow run {self.run_id}\nOpen it with: mlflow ui --backend-store-uri {uri}   then {url}"
+
+
+def make_tracker(cfg: Any, launch_dir: Path) -> NullTracker | MLflowTracker:
+    name = getattr(cfg.logger.name, "name", cfg.logger.name)
+    if str(name) == "none":
+        return NullTracker()
+    uri = cfg.logger.tracking_uri or default_tracking_uri(launch_dir)
+    return MLflowTracker(uri, cfg.logger.experiment)

@@ -1,0 +1,237 @@
+"""The training loop: supervised cross-entropy plus, for CAC, lambda x the consistency loss.
+
+One call of :func:`fit` trains one model for ``trainer.max_steps`` steps, evaluating, logging and
+checkpointing as configured, and resuming from ``<state_dir>/last.pt`` when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dcc import checkpoint as ckpt
+from dcc.config import Method, Precision
+from dcc.consistency import ConsistencyBranch
+from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
+from dcc.evaluate import evaluate
+from dcc.models import Segmentor, build_model
+from dcc.optim import build_optimizer, poly_scheduler
+from dcc.visualize import save_prediction_grid
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class FitResult:
+    final_miou: float
+    best_miou: float
+    final: dict[str, Any]
+    model: Segmentor
+    state_dir: Path
+    steps: int
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _method(cfg: Any) -> Method:
+    m = cfg.loss.method
+    return m if isinstance(m, Method) else Method[str(m)]
+
+
+def _autocast(cfg: Any, device: torch.device) -> Callable[[], Any] | None:
+    p = cfg.trainer.precision
+    p = p if isinstance(p, Precision) else Precision[str(p)]
+    if p is Precision.fp32:
+        return None
+    dtype = torch.bfloat16 if p is Precision.bf16 else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class _Meter:
+    """Keeps per-step loss tensors on the device; one sync per log interval, where non-finite values are caught."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.steps: list[int] = []
+
+    def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        self.steps.append(step)
+        for k, v in terms.items():
+            self.values.setdefault(k, []).append(v.detach().float())
+
+    def flush(self) -> dict[str, float]:
+        out = {}
+        for name, vals in self.values.items():
+            stacked = torch.stack(vals).cpu()
+            bad = ~torch.isfinite(stacked)
+            if bool(bad.any()):
+                first = self.steps[-len(vals):][int(bad.nonzero()[0, 0])]
+                raise NonFiniteLossError(
+                    f"non-finite {name} ({float(stacked[bad][0])}) at step {first}; "
+                    "the last good checkpoint is kept (lower the learning rate or loss.weight, or use trainer.precision=fp32)"
+                )
+            out[name] = float(stacked.mean())
+        self.values.clear()
+        self.steps.clear()
+        return out
+
+
+def fit(
+    cfg: Any,
+    data: DataBundle,
+    device: torch.device,
+    tracker: Any,
+    state_dir: Path,
+    *,
+    prefix: str = "",
+    method: Method | None = None,
+    extra_labeled: tuple[Any, np.ndarray] | None = None,
+    class_names: list[str] | None = None,
+) -> FitResult:
+    """Train one model.
+
+    method: overrides ``loss.method`` (self-training trains its teacher with ``suponly``).
+    extra_labeled: ``(source, indices)`` of pseudo-labeled images, batched ``trainer.unlabeled_batch_size``
+    per step beside the labeled batch (self-training's student).
+    prefix: prepended to metric names (``teacher/``).
+    """
+    tc = cfg.trainer
+    method = method or _method(cfg)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed % (2**32))
+    model = build_model(cfg).to(device)
+    if method is not Method.cac and model.projector is not None:
+        model.projector = None
+    optimizer = build_optimizer(cfg, model)
+    scheduler = poly_scheduler(optimizer, tc.max_steps, cfg.optim.poly_power)
+    branch = ConsistencyBranch(cfg.loss) if method is Method.cac else None
+    autocast = _autocast(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast is not None and str(tc.precision).endswith("fp16"))
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    last = state_dir / "last.pt"
+    step, best, history = 0, -1.0, []
+    final: dict[str, Any] = {}
+    if tc.resume and last.exists():
+        state = ckpt.load(last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if branch is not None and state.get("bank") is not None:
+            branch.bank.load_state_dict(state["bank"], device)
+        ckpt.set_rng_state(state["rng"])
+        step, best, history = state["step"], state["best_miou"], state["history"]
+        final = state.get("final", {})
+        log.info("%sresumed from %s at step %d", prefix, last, step)
+    elif last.exists():
+        last.unlink()
+
+    ignore = cfg.dataset.ignore_index
+    val = eval_loader(cfg, data.val, device)
+    lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=step, device=device))
+    extra = (
+        iter(labeled_loader(cfg, extra_labeled[0], extra_labeled[1], start_step=step, device=device,
+                            stream="pseudo", batch_size=tc.unlabeled_batch_size))
+        if extra_labeled is not None else None
+    )
+    unl = None
+    start_u = cfg.loss.start_step
+    meter = _Meter()
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress, desc=f"{prefix}train", mininterval=2.0,
+               dynamic_ncols=True)
+    model.train()
+
+    def save(finished: bool = False) -> None:
+        ckpt.save_atomic(
+            {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "bank": branch.bank.state_dict() if branch is not None else None,
+                "rng": ckpt.rng_state(), "step": step, "best_miou": best, "history": history,
+                "final": final, "finished": finished,
+            },
+            last,
+        )
+
+    while step < tc.max_steps:
+        x, y = next(lab)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if extra is not None:
+            xp, yp = next(extra)
+            x, y = torch.cat([x, xp.to(device)]), torch.cat([y, yp.to(device)])
+        with autocast() if autocast else contextlib.nullcontext():
+            terms = {"loss_ce": F.cross_entropy(model(x).float(), y, ignore_index=ignore)}
+            total = terms["loss_ce"]
+            if branch is not None and step >= start_u:
+                if unl is None:
+                    unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=step - start_u,
+                                                device=device))
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(unl).items()}
+                terms.update({k: v.float() for k, v in branch(model, batch).items()})
+                total = total + cfg.loss.weight * terms["loss_u"]
+        terms["loss"] = total
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1  # steps are counted from 1: "step s" is the state after s updates
+        meter.add(step, terms)
+        bar.update(1)
+
+        is_last = step == tc.max_steps
+        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last:
+            scalars = meter.flush()  # raises on a non-finite loss before anything is saved
+            if scalars:
+                scalars["lr"] = optimizer.param_groups[1]["lr"]
+                tracker.log_metrics({f"{prefix}train/{k}": v for k, v in scalars.items()}, step)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
+        if step % tc.eval_every == 0 or is_last:
+            res = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast,
+                           keep=tc.num_vis if is_last else 0)
+            best = max(best, res["miou"])
+            history.append((step, res["miou"]))
+            tracker.log_metrics(
+                {f"{prefix}val/miou": res["miou"], f"{prefix}val/pixel_acc": res["pixel_acc"],
+                 f"{prefix}val/best_miou": best}, step,
+            )
+            bar.write(f"{prefix}step {step}: val mIoU {res['miou']:.4f} (best {best:.4f}) pixel acc {res['pixel_acc']:.4f}")
+            if is_last:
+                final = res
+        if step % tc.checkpoint_every == 0 or is_last:
+            save(finished=is_last)
+    bar.close()
+
+    if not final:  # resumed from a finished checkpoint
+        final = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast,
+                         keep=tc.num_vis)
+    names = class_names or [str(i) for i in range(cfg.dataset.num_classes)]
+    tracker.log_metrics(
+        {f"{prefix}val/iou/{n}": v for n, v in zip(names, final["iou"]) if not math.isnan(v)}
+        | {f"{prefix}val/final_miou": final["miou"], f"{prefix}val/best_miou": best},
+        step,
+    )
+    if final.get("samples"):
+        grid = save_prediction_grid(final["samples"], list(cfg.dataset.mean), list(cfg.dataset.std),
+                                    state_dir / "predictions.png")
+        tracker.log_artifact(grid, f"{prefix}predictions".rstrip("/"))
+    return FitResult(final_miou=final["miou"], best_miou=best, final=final, model=model, state_dir=state_dir,
+                     steps=step, history=history)

@@ -1,0 +1,111 @@
+"""End-to-end geometry of aligning two overlapping, possibly flipped crops at a feature stride."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dcc.overlap import overlap_cell_count, overlap_pairs
+
+STRIDE = 8
+CROP = 32
+
+
+def coordinate_image(height: int = 96, width: int = 96) -> torch.Tensor:
+    """Image [3, H, W] whose channels are y, x and a hash of (y, x) (all small exact floats)."""
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    code = (yy * 31 + xx * 17) % 101
+    return torch.stack([yy, xx, code]).float()
+
+
+def make_pairs(image: torch.Tensor, offsets1: list, offsets2: list, flips1: list, flips2: list):
+    """Cut the views, flip them, and pool them at STRIDE like a backbone would."""
+
+    def views(offsets, flips):
+        out = []
+        for (y, x), f in zip(offsets, flips):
+            crop = image[:, y : y + CROP, x : x + CROP]
+            out.append(crop.flip(-1) if f else crop)
+        return F.avg_pool2d(torch.stack(out), STRIDE)
+
+    return (
+        views(offsets1, flips1),
+        views(offsets2, flips2),
+        torch.tensor(offsets1),
+        torch.tensor(offsets2),
+        torch.tensor(flips1),
+        torch.tensor(flips2),
+    )
+
+
+def expected_cells(o1, o2) -> list[tuple[int, int]]:
+    """Brute force: image-pixel top-left corners of cells present in both crops, row-major."""
+    cells1 = {(o1[0] + STRIDE * i, o1[1] + STRIDE * j) for i in range(CROP // STRIDE) for j in range(CROP // STRIDE)}
+    cells2 = {(o2[0] + STRIDE * i, o2[1] + STRIDE * j) for i in range(CROP // STRIDE) for j in range(CROP // STRIDE)}
+    return sorted(cells1 & cells2)
+
+
+def test_batch_of_pairs_aligns_exactly() -> None:
+    image = coordinate_image()
+    offsets1 = [[3, 5], [0, 0], [20, 41], [10, 10], [0, 60], [40, 7]]
+    offsets2 = [[19, 13], [24, 8], [4, 25], [10, 10], [16, 36], [8, 31]]
+    flips1 = [False, True, False, True, True, False]
+    flips2 = [False, False, True, True, False, True]
+    feat1, feat2, o1, o2, fl1, fl2 = make_pairs(image, offsets1, offsets2, flips1, flips2)
+
+    f1, f2, batch_index = overlap_pairs(feat1, feat2, o1, o2, fl1, fl2, STRIDE)
+    counts = overlap_cell_count(o1, o2, CROP, STRIDE)
+
+    assert f1.shape == f2.shape == (len(batch_index), 3)
+    assert batch_index.dtype == torch.long
+    torch.testing.assert_close(f1, f2, rtol=0, atol=0)
+    assert torch.equal(torch.bincount(batch_index, minlength=len(offsets1)), counts)
+    assert counts.tolist() == [len(expected_cells(a, b)) for a, b in zip(offsets1, offsets2)]
+    # The rows are the right image cells: pooled (y, x) = cell corner + (STRIDE - 1) / 2.
+    for b, (a, c) in enumerate(zip(offsets1, offsets2)):
+        corners = (f1[batch_index == b, :2] - (STRIDE - 1) / 2).round().long().tolist()
+        assert sorted(map(tuple, corners)) == expected_cells(a, c)
+
+
+def test_equal_offsets_different_flips() -> None:
+    image = coordinate_image()
+    feat1, feat2, o1, o2, fl1, fl2 = make_pairs(image, [[8, 16]], [[8, 16]], [True], [False])
+    # Without undoing the flip, the two maps disagree.
+    assert not torch.equal(feat1, feat2)
+    f1, f2, batch_index = overlap_pairs(feat1, feat2, o1, o2, fl1, fl2, STRIDE)
+    assert len(f1) == (CROP // STRIDE) ** 2 == int(overlap_cell_count(o1, o2, CROP, STRIDE)[0])
+    torch.testing.assert_close(f1, f2, rtol=0, atol=0)
+    torch.testing.assert_close(f1, feat2[0].flatten(1).T, rtol=0, atol=0)
+    assert torch.equal(batch_index, torch.zeros(len(f1), dtype=torch.long))
+
+
+def test_disjoint_crops_give_no_rows_and_any_channel_count() -> None:
+    image = coordinate_image()
+    feat1, feat2, o1, o2, fl1, fl2 = make_pairs(image, [[0, 0]], [[32, 8]], [False], [True])
+    f1, f2, batch_index = overlap_pairs(feat1, feat2, o1, o2, fl1, fl2, STRIDE)
+    assert f1.shape == (0, 3) and f2.shape == (0, 3) and batch_index.numel() == 0
+    assert overlap_cell_count(o1, o2, CROP, STRIDE).tolist() == [0]
+
+    wide = torch.randn(2, 70, 4, 4)
+    f1, f2, _ = overlap_pairs(wide, wide, torch.tensor([[0, 0], [0, 0]]), torch.tensor([[8, 0], [0, 0]]),
+                              torch.tensor([False, False]), torch.tensor([False, False]), STRIDE)
+    assert f1.shape == (12 + 16, 70)
+    # Pair 0: view-1 rows 1..3 meet view-2 rows 0..2.
+    torch.testing.assert_close(f1[:12], wide[0, :, 1:, :].permute(1, 2, 0).reshape(12, 70))
+    torch.testing.assert_close(f2[:12], wide[0, :, :3, :].permute(1, 2, 0).reshape(12, 70))
+
+
+def test_gradients_flow_to_both_views() -> None:
+    feat1 = torch.randn(2, 5, 4, 4, requires_grad=True)
+    feat2 = torch.randn(2, 5, 4, 4, requires_grad=True)
+    off1, off2 = torch.tensor([[8, 0], [0, 16]]), torch.tensor([[0, 8], [0, 0]])
+    f1, f2, _ = overlap_pairs(feat1, feat2, off1, off2, torch.tensor([True, False]),
+                              torch.tensor([False, True]), STRIDE)
+    (f1.sum() + 2 * f2.sum()).backward()
+    assert len(f1) == 3 * 3 + 4 * 2
+    assert feat1.grad.sum() == 5 * len(f1) and feat2.grad.sum() == 2 * 5 * len(f2)
+    # Pair 0, view 1 (flipped, cell shift (+1, -1)): original rows 0..2 and cols 1..3,
+    # i.e. cols 0..2 of the flipped map that the network saw.
+    expected = torch.zeros(4, 4)
+    expected[:3, :3] = 1
+    assert torch.equal(feat1.grad[0, 0], expected)
