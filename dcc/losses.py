@@ -23,6 +23,14 @@ Eq. (5): negative sampling: negative n counts for anchor i only if ``y~_i != y~_
 Eq. (6)-(7): positive filtering: ``M_{d,pf} = M_d * 1{conf_p > gamma}`` (``positive_filtering=True``).
 
 Negatives, confidences and pseudo-labels never receive gradient.
+
+Cost. The anchors that pass each direction's mask (K of the 2N) are selected before any
+similarity is computed, and the negatives are streamed in blocks of ``chunk_size`` columns with an
+online log-sum-exp inside a custom autograd function whose backward recomputes block by block.
+No [K, M] tensor is ever stored: peak extra memory is about ``K * chunk_size * 5`` bytes in float32
+(one float block plus its boolean label mask). ``dcc.losses_chunked`` keeps the released code's
+strategy (all pixels x 8,000-column checkpointed blocks, mask applied afterwards) as a baseline;
+see ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -113,7 +121,9 @@ class _StreamingInfoNCE(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
         anchor, positive, anchor_label, neg_feat, neg_label, lse, pos = ctx.saved_tensors
         inv_tau = 1.0 / ctx.temperature
         coeff = (grad_out * inv_tau).unsqueeze(1)  # [K, 1]
@@ -197,8 +207,8 @@ def directional_contrastive_loss(
         negative_sampling: drop negatives sharing the anchor's pseudo-label (Eq. 5).
         positive_filtering: keep only anchors whose positive has ``conf > gamma`` (Eq. 7).
         chunk_size: negatives per streamed block; peak extra memory is about
-            ``K x chunk_size`` floats for the K anchors that pass the masks. Does not change the
-            result beyond float rounding.
+            ``K x chunk_size`` floats (plus a boolean mask of that shape with negative sampling)
+            for the K anchors that pass the masks. Changes the result only by float rounding.
 
     Returns:
         Scalar tensor. Each direction is averaged over the pixels passing its mask in the whole

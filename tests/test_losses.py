@@ -11,6 +11,15 @@ import torch.nn.functional as F
 from dcc.losses import directional_contrastive_loss, l2_alignment_loss
 from dcc.losses_chunked import chunked_directional_contrastive_loss
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These inputs are tiny: one intra-op thread is faster on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 FLAGS = list(itertools.product([False, True], repeat=3))  # (directional, ns, pf)
 FLAG_IDS = [f"dir{int(d)}-ns{int(n)}-pf{int(p)}" for d, n, p in FLAGS]
 
