@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dcc.config import Method, Task, validate
+from dcc.preemption import requeued
 from dcc.tracking import flatten, git_commit, make_tracker
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
     data = build_data(cfg)  # fails on missing/unreadable data before an MLflow run is created
     tracker = make_tracker(cfg, launch_dir)
     id_file = run_dir / "mlflow_run_id"
+    if requeued() and not cfg.trainer.resume:
+        log.info("SLURM requeued this job: resuming from its last checkpoint")
+        cfg.trainer.resume = True
     previous = id_file.read_text().strip() if cfg.trainer.resume and id_file.exists() else None
     tracker.start(
         run_id=previous, run_name=run_name(cfg), params=flatten(plain_config(cfg)), tags=_tags(cfg, launch_dir),
@@ -106,8 +110,11 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
             result = fit(cfg, data, device, tracker, run_dir)
         if cfg.logger.log_checkpoint:
             tracker.log_artifact(run_dir / "last.pt", "checkpoint")
+    except (KeyboardInterrupt, SystemExit):
+        tracker.finish("KILLED")  # preempted or interrupted: trainer.resume=true (or a requeue) continues it
+        raise
     except BaseException:
-        tracker.finish("FAILED" if tracker.run_id else "FAILED")
+        tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
     print(f"final val mIoU: {result.final_miou:.4f} (best {result.best_miou:.4f}) after {result.steps} steps", flush=True)

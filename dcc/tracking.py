@@ -15,6 +15,9 @@ from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
+# Set by a sweep's launcher callback to the MLflow run id that groups the sweep's jobs.
+PARENT_RUN_ENV = "DCC_MLFLOW_PARENT_RUN"
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a/b": 1}``; lists are kept as values."""
@@ -101,7 +104,11 @@ class MLflowTracker:
                 return run_id
             except Exception as exc:  # noqa: BLE001
                 log.warning("cannot resume MLflow run %s (%s): starting a new run", run_id, exc)
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        tags = dict(tags)
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent:  # a sweep's parent run (created by the multirun callback): the UI groups the jobs under it
+            tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):

@@ -25,6 +25,7 @@ from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_lo
 from dcc.evaluate import evaluate
 from dcc.models import Segmentor, build_model
 from dcc.optim import build_optimizer, poly_scheduler
+from dcc.preemption import PreemptionGuard
 from dcc.visualize import save_prediction_grid
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,11 @@ def fit(
     model = build_model(cfg).to(device)
     if method is not Method.cac and model.projector is not None:
         model.projector = None
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if tc.compile:  # in place, so state-dict keys stay those of the eager model
+        model.backbone.compile()
+        model.head.compile()
     optimizer = build_optimizer(cfg, model)
     scheduler = poly_scheduler(optimizer, tc.max_steps, cfg.optim.poly_power)
     branch = ConsistencyBranch(cfg.loss) if method is Method.cac else None
@@ -159,6 +165,7 @@ def fit(
     bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress, desc=f"{prefix}train", mininterval=2.0,
                dynamic_ncols=True)
     model.train()
+    guard = PreemptionGuard().__enter__()
 
     def save(finished: bool = False) -> None:
         ckpt.save_atomic(
@@ -171,53 +178,61 @@ def fit(
             last,
         )
 
-    while step < tc.max_steps:
-        x, y = next(lab)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if extra is not None:
-            xp, yp = next(extra)
-            x, y = torch.cat([x, xp.to(device)]), torch.cat([y, yp.to(device)])
-        with autocast() if autocast else contextlib.nullcontext():
-            terms = {"loss_ce": F.cross_entropy(model(x).float(), y, ignore_index=ignore)}
-            total = terms["loss_ce"]
-            if branch is not None and step >= start_u:
-                if unl is None:
-                    unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=step - start_u,
-                                                device=device))
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(unl).items()}
-                terms.update({k: v.float() for k, v in branch(model, batch).items()})
-                total = total + cfg.loss.weight * terms["loss_u"]
-        terms["loss"] = total
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1  # steps are counted from 1: "step s" is the state after s updates
-        meter.add(step, terms)
-        bar.update(1)
+    try:
+        while step < tc.max_steps:
+            x, y = next(lab)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if extra is not None:
+                xp, yp = next(extra)
+                x, y = torch.cat([x, xp.to(device)]), torch.cat([y, yp.to(device)])
+            with autocast() if autocast else contextlib.nullcontext():
+                terms = {"loss_ce": F.cross_entropy(model(x).float(), y, ignore_index=ignore)}
+                total = terms["loss_ce"]
+                if branch is not None and step >= start_u:
+                    if unl is None:
+                        unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=step - start_u,
+                                                    device=device))
+                    batch = {k: v.to(device, non_blocking=True) for k, v in next(unl).items()}
+                    terms.update({k: v.float() for k, v in branch(model, batch).items()})
+                    total = total + cfg.loss.weight * terms["loss_u"]
+            terms["loss"] = total
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1  # steps are counted from 1: "step s" is the state after s updates
+            meter.add(step, terms)
+            bar.update(1)
 
-        is_last = step == tc.max_steps
-        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last:
-            scalars = meter.flush()  # raises on a non-finite loss before anything is saved
-            if scalars:
-                scalars["lr"] = optimizer.param_groups[1]["lr"]
-                tracker.log_metrics({f"{prefix}train/{k}": v for k, v in scalars.items()}, step)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
-        if step % tc.eval_every == 0 or is_last:
-            res = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast,
-                           keep=tc.num_vis if is_last else 0)
-            best = max(best, res["miou"])
-            history.append((step, res["miou"]))
-            tracker.log_metrics(
-                {f"{prefix}val/miou": res["miou"], f"{prefix}val/pixel_acc": res["pixel_acc"],
-                 f"{prefix}val/best_miou": best}, step,
-            )
-            bar.write(f"{prefix}step {step}: val mIoU {res['miou']:.4f} (best {best:.4f}) pixel acc {res['pixel_acc']:.4f}")
-            if is_last:
-                final = res
-        if step % tc.checkpoint_every == 0 or is_last:
-            save(finished=is_last)
+            is_last = step == tc.max_steps
+            stop = guard.requested  # preemption / time limit: log and checkpoint now, then let the launcher requeue
+            if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last or stop:
+                scalars = meter.flush()  # raises on a non-finite loss before anything is saved
+                if scalars:
+                    scalars["lr"] = optimizer.param_groups[1]["lr"]
+                    tracker.log_metrics({f"{prefix}train/{k}": v for k, v in scalars.items()}, step)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
+            if step % tc.eval_every == 0 or is_last:
+                res = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast,
+                               keep=tc.num_vis if is_last else 0)
+                best = max(best, res["miou"])
+                history.append((step, res["miou"]))
+                tracker.log_metrics(
+                    {f"{prefix}val/miou": res["miou"], f"{prefix}val/pixel_acc": res["pixel_acc"],
+                     f"{prefix}val/best_miou": best}, step,
+                )
+                bar.write(f"{prefix}step {step}: val mIoU {res['miou']:.4f} (best {best:.4f}) pixel acc {res['pixel_acc']:.4f}")
+                if is_last:
+                    final = res
+            if step % tc.checkpoint_every == 0 or is_last or stop:
+                save(finished=is_last)
+            if stop:
+                bar.write(f"{prefix}signal {guard.signum}: checkpoint written at step {step}")
+                bar.close()
+                guard.hand_on()
+    finally:
+        guard.__exit__()
     bar.close()
 
     if not final:  # resumed from a finished checkpoint
