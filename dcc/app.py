@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.config import Method, Task, validate
+from dcc.config import Method, validate
 from dcc.preemption import requeued
 from dcc.tracking import flatten, git_commit, make_tracker
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # Keys that do not change what a run computes: left out of the run directory's hash.
 VOLATILE_KEYS = (
-    "task", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
+    "task", "predict", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
     "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
     "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
 )
@@ -74,11 +74,17 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
     """Validate ``cfg``; print the parameter summary or train. Returns the final validation mIoU."""
     validate(cfg)
     launch_dir = (launch_dir or Path.cwd()).resolve()
-    if cfg.task == Task.summary or str(cfg.task) == "summary":
+    if str(cfg.task) == "summary":
         print(summary(cfg), flush=True)
+        return 0.0
+    if str(cfg.task) == "predict":
+        from dcc.predict import run_predict
+
+        run_predict(cfg, launch_dir)
         return 0.0
 
     from dcc.data.build import build_data
+    from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
     from dcc.selftrain import self_train
     from dcc.train import fit, resolve_device
 
@@ -94,12 +100,16 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
         log.info("SLURM requeued this job: resuming from its last checkpoint")
         cfg.trainer.resume = True
     previous = id_file.read_text().strip() if cfg.trainer.resume and id_file.exists() else None
+    manifest = split_manifest(cfg, data)
     tracker.start(
-        run_id=previous, run_name=run_name(cfg), params=flatten(plain_config(cfg)), tags=_tags(cfg, launch_dir),
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        run_id=previous, run_name=run_name(cfg), params=flatten(plain_config(cfg)) | manifest_params(manifest),
+        tags=_tags(cfg, launch_dir), config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )
     if tracker.run_id:
         id_file.write_text(tracker.run_id)
+        if previous is None:
+            for path in write_split_manifest(manifest, run_dir / "split"):
+                tracker.log_artifact(path, "split")
     log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images",
              run_dir, len(data.labeled), len(data.unlabeled), len(data.val))
     try:

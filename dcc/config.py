@@ -24,6 +24,18 @@ class Choice(Enum):
 
 class DatasetName(Choice):
     digits = "digits"
+    voc = "voc"
+    cityscapes = "cityscapes"
+
+
+class VocProtocol(Choice):
+    aug = "aug"  # labeled images drawn from the 10,582 augmented set (SegmentationClassAug labels)
+    classic = "classic"  # labeled images drawn from the 1,464 fine train set, the other 9,118 unlabeled
+
+
+class EvalMode(Choice):
+    whole = "whole"  # native resolution, reflect-padded bottom-right to a multiple of eval.pad_multiple
+    slide = "slide"  # sliding window of eval.crop_size at eval.stride, logits averaged where windows overlap
 
 
 class SegNetName(Choice):
@@ -51,6 +63,7 @@ class Precision(Choice):
 class Task(Choice):
     train = "train"
     summary = "summary"
+    predict = "predict"
 
 
 class LoggerName(Choice):
@@ -73,9 +86,15 @@ class ScenesConfig:
 @dataclass
 class DatasetConfig:
     name: DatasetName = DatasetName.digits
-    root: str = "${oc.env:DCC_CACHE,${oc.env:HOME,.}/.cache/dcc}"
+    root: Optional[str] = "${oc.env:DCC_CACHE,${oc.env:HOME,.}/.cache/dcc}"
     num_classes: int = 11
     ignore_index: int = 255
+    class_names: list[str] = field(default_factory=list)  # per-class IoU names (default: the class index)
+    protocol: VocProtocol = VocProtocol.aug  # voc only
+    # Published labeled counts per split name (the fractions do not round consistently: VOC 1/4 = 2,645),
+    # used when the pool that labeled images are drawn from has split_pool_size images (else split.fraction).
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    split_pool_size: Optional[int] = None
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     base_size: int = 400  # long side before the random scale
@@ -97,6 +116,24 @@ class SplitConfig:
     name: str = MISSING  # 1_16, 1_8, 1_4, full
     fraction: float = MISSING  # share of the training images that keep their labels
     seed: int = 42
+    index: int = 0  # which of the random lists drawn with this seed (the authors published three per split)
+    labeled_list: Optional[str] = None  # list file of the labeled images (authors' pairs or bare ids)
+    unlabeled_list: Optional[str] = None  # list file of the unlabeled images (default: every other image)
+
+
+@dataclass
+class EvalConfig:
+    mode: EvalMode = EvalMode.whole
+    pad_multiple: int = 8  # whole: pad to a multiple of the output stride
+    crop_size: int = 512  # slide: window side
+    stride: int = 341  # slide: step between windows
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: Optional[str] = None  # a run's last.pt (or any file with a "model" state dict)
+    input: Optional[str] = None  # folder of images; null: the validation set
+    output: str = "predictions"  # folder for the palette PNGs (relative to the launch directory)
 
 
 @dataclass
@@ -166,7 +203,9 @@ class TrainerConfig:
     resume: bool = False
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = Precision.fp32
+    precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the backbone and the head
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     runs_root: str = "runs"  # run directories live under <launch dir>/<runs_root>/
     progress: bool = True
@@ -191,6 +230,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     task: Task = Task.train
 
 
@@ -235,11 +276,39 @@ def validate(cfg: Any) -> None:
     _check(loss.bank_steps >= 0, f"loss.bank_steps must be >= 0, got {loss.bank_steps}")
     _check(loss.start_step >= 0, f"loss.start_step must be >= 0, got {loss.start_step}")
     _check(0.0 < cfg.split.fraction <= 1.0, f"split.fraction must be in (0, 1], got {cfg.split.fraction}")
+    _check(cfg.split.index >= 0, f"split.index must be >= 0, got {cfg.split.index}")
+    _check(
+        cfg.split.unlabeled_list is None or cfg.split.labeled_list is not None,
+        "split.unlabeled_list needs split.labeled_list (the unlabeled images are otherwise every image not labeled)",
+    )
     _check(cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}")
     _check(cfg.trainer.batch_size > 0, f"trainer.batch_size must be > 0, got {cfg.trainer.batch_size}")
     for key in ("eval_every", "log_every", "checkpoint_every"):
         _check(cfg.trainer[key] > 0, f"trainer.{key} must be > 0, got {cfg.trainer[key]}")
     ds = cfg.dataset
+    dataset = DatasetName[str(getattr(ds.name, "name", ds.name))]
+    protocol = VocProtocol[str(getattr(ds.protocol, "name", ds.protocol))]
+    _check(
+        dataset is DatasetName.voc or protocol is VocProtocol.aug,
+        f"dataset.protocol={protocol.name} only exists for dataset=voc (got dataset={dataset.name})",
+    )
+    _check(
+        not ds.class_names or len(ds.class_names) == ds.num_classes,
+        f"dataset.class_names has {len(ds.class_names)} names but dataset.num_classes={ds.num_classes}",
+    )
+    for name, size in ds.split_sizes.items():
+        _check(size > 0, f"dataset.split_sizes.{name} must be > 0, got {size}")
+    ev = cfg.eval
+    mode = EvalMode[str(getattr(ev.mode, "name", ev.mode))]
+    _check(ev.pad_multiple > 0, f"eval.pad_multiple must be > 0, got {ev.pad_multiple}")
+    if mode is EvalMode.slide:
+        _check(ev.crop_size > 0 and ev.crop_size % ev.pad_multiple == 0,
+               f"eval.crop_size={ev.crop_size} must be a positive multiple of eval.pad_multiple={ev.pad_multiple}")
+        _check(0 < ev.stride <= ev.crop_size,
+               f"eval.stride={ev.stride} must be in (0, eval.crop_size={ev.crop_size}] (windows must cover the image)")
+    task = Task[str(getattr(cfg.task, "name", cfg.task))]
+    if task is Task.predict:
+        _check(cfg.predict.checkpoint is not None, "task=predict needs predict.checkpoint=PATH (a run's last.pt)")
     stride = cfg.segnet.consistency_stride
     _check(
         ds.crop_size % stride == 0,

@@ -38,7 +38,7 @@ class PseudoLabeledSource:
 def pseudo_label(model: Segmentor, cfg: Any, data: DataBundle, device: torch.device) -> PseudoLabeledSource:
     """Argmax of the teacher at native resolution; pixels under ``loss.st_threshold`` confidence become ignore."""
     model.eval()
-    loader = eval_loader(cfg, _Unlabeled(data.train, data.unlabeled), device)
+    loader = eval_loader(cfg, _Unlabeled(data.train, data.unlabeled), device, sharded=False)
     masks: list[np.ndarray] = []
     for image, _ in loader:
         prob = predict_whole(model, image.to(device)).softmax(1)

@@ -6,17 +6,30 @@ and a resumed job never depend on a global "active run".
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
 # Set by a sweep's launcher callback to the MLflow run id that groups the sweep's jobs.
 PARENT_RUN_ENV = "DCC_MLFLOW_PARENT_RUN"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -72,9 +85,16 @@ class MLflowTracker:
 
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        if tracking_uri.startswith("sqlite:///"):
+            # A new SQLite store is created by schema migrations that race when parallel jobs start
+            # together; one job at a time creates it, the others wait on a lock file beside it.
+            with _file_lock(Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock")):
+                self.client = MlflowClient(tracking_uri=tracking_uri)
+                self.client.search_experiments(max_results=1)
+        else:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)

@@ -22,7 +22,7 @@ from dcc import checkpoint as ckpt
 from dcc.config import Method, Precision
 from dcc.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
-from dcc.evaluate import evaluate
+from dcc.evaluate import eval_options, evaluate
 from dcc.models import Segmentor, build_model
 from dcc.optim import build_optimizer, poly_scheduler
 from dcc.preemption import PreemptionGuard
@@ -214,7 +214,7 @@ def fit(
                     tracker.log_metrics({f"{prefix}train/{k}": v for k, v in scalars.items()}, step)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
             if step % tc.eval_every == 0 or is_last:
-                res = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast,
+                res = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast, **eval_options(cfg),
                                keep=tc.num_vis if is_last else 0)
                 best = max(best, res["miou"])
                 history.append((step, res["miou"]))
@@ -236,9 +236,9 @@ def fit(
     bar.close()
 
     if not final:  # resumed from a finished checkpoint
-        final = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast,
+        final = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast, **eval_options(cfg),
                          keep=tc.num_vis)
-    names = class_names or [str(i) for i in range(cfg.dataset.num_classes)]
+    names = class_names or list(cfg.dataset.class_names) or [str(i) for i in range(cfg.dataset.num_classes)]
     tracker.log_metrics(
         {f"{prefix}val/iou/{n}": v for n, v in zip(names, final["iou"]) if not math.isnan(v)}
         | {f"{prefix}val/final_miou": final["miou"], f"{prefix}val/best_miou": best},

@@ -32,7 +32,7 @@ def test_outputs_and_consistency_features(segnet, feat_stride):
 
 
 def test_deeplab_backbone_stride_and_multi_grid():
-    cfg = compose_cfg(["backbone=resnet50", "segnet.channels=32"])
+    cfg = compose_cfg(["backbone=resnet50", "segnet.channels=32", "segnet.multi_grid=[1,2,4]"])
     model = build_model(cfg)
     assert model.backbone.output_stride == 16
     dil = [block.conv2.dilation[0] for block in model.backbone.body.layer4]

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dcc.config import DatasetName
+from dcc.config import DatasetName, VocProtocol
 from dcc.data.datasets import ArraySource, LabeledDataset, UnlabeledPairDataset
 from dcc.data.digits import load_digit_scenes
+from dcc.data.splits import choose_split, generate_labeled
 
 
 @dataclass
@@ -28,9 +29,14 @@ class DataBundle:
     unlabeled: np.ndarray  # indices into train used without labels
 
 
+def _enum(value: Any, enum: type) -> Any:
+    return value if isinstance(value, enum) else enum[str(value)]
+
+
 def load_sources(cfg: Any) -> tuple[Any, Any]:
+    """(train, val) sources of ``dataset.name``; a missing or incomplete root fails here, naming the layout."""
     ds = cfg.dataset
-    name = ds.name if isinstance(ds.name, DatasetName) else DatasetName[str(ds.name)]
+    name = _enum(ds.name, DatasetName)
     if name is DatasetName.digits:
         sc = ds.scenes
         arrays = load_digit_scenes(
@@ -46,21 +52,30 @@ def load_sources(cfg: Any) -> tuple[Any, Any]:
             ArraySource(arrays["train_images"], arrays["train_masks"]),
             ArraySource(arrays["val_images"], arrays["val_masks"]),
         )
+    if name is DatasetName.voc:
+        from dcc.data.voc import load_voc
+
+        return load_voc(ds.root, protocol=_enum(ds.protocol, VocProtocol), num_classes=ds.num_classes,
+                        ignore_index=ds.ignore_index)
+    if name is DatasetName.cityscapes:
+        from dcc.data.cityscapes import load_cityscapes
+
+        return load_cityscapes(ds.root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
     raise ValueError(f"dataset.name={name.name} has no loader")  # pragma: no cover - enum is exhaustive
 
 
-def split_indices(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(num_train: int, fraction: float, seed: int, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic labeled/unlabeled split. With every label kept (``full``), all images are also used unlabeled."""
     n_labeled = max(1, int(round(num_train * fraction)))
-    perm = np.random.default_rng(seed).permutation(num_train)
-    labeled = np.sort(perm[:n_labeled])
-    unlabeled = np.sort(perm[n_labeled:]) if n_labeled < num_train else np.arange(num_train)
+    labeled = generate_labeled(np.arange(num_train), n_labeled, seed, index)
+    unlabeled = np.setdiff1d(np.arange(num_train), labeled) if n_labeled < num_train else np.arange(num_train)
     return labeled, unlabeled
 
 
 def build_data(cfg: Any) -> DataBundle:
+    """Sources and the split (``split.labeled_list`` or generated from ``split.seed`` / ``split.index``)."""
     train, val = load_sources(cfg)
-    labeled, unlabeled = split_indices(len(train), cfg.split.fraction, cfg.split.seed)
+    labeled, unlabeled = choose_split(cfg, train)
     return DataBundle(train=train, val=val, labeled=labeled, unlabeled=unlabeled)
 
 
@@ -169,11 +184,22 @@ def unlabeled_loader(
     return _loader(dataset, batch, sampler, cfg, device)
 
 
-def eval_loader(cfg: Any, source: Any, device: torch.device) -> DataLoader:
+def shard(num_items: int) -> list[int]:
+    """This process's share of ``range(num_items)`` under torch.distributed (every item exactly once over all
+    ranks, unlike DistributedSampler, which pads with repeats); everything without it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return list(range(rank, num_items, world))
+    return list(range(num_items))
+
+
+def eval_loader(cfg: Any, source: Any, device: torch.device, *, sharded: bool = True) -> DataLoader:
+    """Native-resolution images in order. Under DDP each rank gets a disjoint shard (see :func:`shard`) unless
+    ``sharded=False`` (every rank needs every item, e.g. to pseudo-label the whole unlabeled set)."""
     ds = cfg.dataset
     dataset = LabeledDataset(
         source,
-        list(range(len(source))),
+        shard(len(source)) if sharded else list(range(len(source))),
         train=False,
         crop_size=ds.crop_size,
         base_size=ds.base_size,
@@ -182,6 +208,8 @@ def eval_loader(cfg: Any, source: Any, device: torch.device) -> DataLoader:
         std=list(ds.std),
         ignore_index=ds.ignore_index,
     )
+    workers = min(cfg.trainer.num_workers, 4)
     return DataLoader(
-        dataset, batch_size=cfg.trainer.eval_batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda"
+        dataset, batch_size=cfg.trainer.eval_batch_size, shuffle=False, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
     )

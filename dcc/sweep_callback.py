@@ -1,0 +1,189 @@
+"""A Hydra callback that makes each sweep one MLflow parent run, its jobs the child runs.
+
+Registered by ``conf/hydra/callbacks/mlflow_parent.yaml``. At multirun start it creates the parent run
+(tagged ``dcc.sweep=true``, named after ``hydra.job.name``: the sweeps/ scripts set it to the sweep's
+name) and exports its id in ``DCC_MLFLOW_PARENT_RUN`` (:data:`dcc.tracking.PARENT_RUN_ENV`); every job
+started from this process, in-process, by submitit locally or through ``sbatch`` (which exports the
+environment), tags its run with ``mlflow.parentRunId``, so the MLflow UI shows the sweep as one group.
+At multirun end it prints the sweep's table (:mod:`dcc.report`), logs it and the Optuna results to the
+parent and closes the parent; if the sweep dies, the parent is closed as FAILED at exit.
+
+An Optuna search with a persistent study (``hydra.sweeper.storage`` and ``study_name`` set) reuses the
+parent run of that study, so a continued search stays one group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dcc.tracking import PARENT_RUN_ENV, default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+SWEEP_TAG = "dcc.sweep"  # the same names as dcc.report reads
+SWEEP_NAME_TAG = "dcc.sweep_name"
+SWEEP_KEY_TAG = "dcc.sweep_key"
+DEFAULT_JOB_NAME = "run"  # hydra.job.name of run.py when not overridden
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    try:
+        value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - an interpolation that cannot resolve here
+        return default
+    return default if value is None else value
+
+
+def sweep_key(cfg: DictConfig) -> str | None:
+    """A persistent Optuna study is one group in MLflow however many times its command is run."""
+    storage, study = _get(cfg, "hydra.sweeper.storage"), _get(cfg, "hydra.sweeper.study_name")
+    if storage and study:
+        return f"optuna:{study}@{storage}"
+    return None
+
+
+class MLflowSweepParent(Callback):
+    def __init__(self, report: bool = True) -> None:
+        self.report = report
+        self.client: Any = None
+        self.run_id: str | None = None
+        self.sweep_dir: Path | None = None
+        self._previous_env: str | None = None
+        self._open = False
+
+    # ----------------------------------------------------------------------------------------------
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(_get(config, "logger.name", "mlflow")) == "none":
+            return
+        try:
+            self._start(config)
+        except Exception as exc:  # noqa: BLE001 - never stop a sweep for its grouping
+            log.warning("could not create the sweep's MLflow parent run (%s): jobs are logged ungrouped", exc)
+
+    def _start(self, config: DictConfig) -> None:
+        from mlflow.tracking import MlflowClient
+
+        cwd = Path(_get(config, "hydra.runtime.cwd", os.getcwd()))
+        uri = _get(config, "logger.tracking_uri") or default_tracking_uri(cwd)
+        experiment = str(_get(config, "logger.experiment", "Default"))
+        job_name = str(_get(config, "hydra.job.name", DEFAULT_JOB_NAME))
+        name = job_name if job_name != DEFAULT_JOB_NAME else "sweep"
+        self.sweep_dir = Path(str(_get(config, "hydra.sweep.dir", "multirun")))
+        if not self.sweep_dir.is_absolute():
+            self.sweep_dir = cwd / self.sweep_dir
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            try:
+                exp_id = self.client.create_experiment(experiment)
+            except Exception:  # noqa: BLE001 - created meanwhile by someone else
+                exp_id = self.client.get_experiment_by_name(experiment).experiment_id
+
+        key = sweep_key(config)
+        found: list[Any] = []
+        if key is not None:
+            found = self.client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'",
+                                            max_results=1, order_by=["attributes.start_time DESC"])
+            if found:
+                self.run_id = found[0].info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                log.info("continuing the sweep's MLflow parent run %s (%s)", self.run_id, key)
+        if self.run_id is None:
+            tags = {
+                SWEEP_TAG: "true", SWEEP_NAME_TAG: name, "dcc.sweep_dir": str(self.sweep_dir),
+                "dcc.sweeper": str(_get(config, "hydra.sweeper._target_", "")).rsplit(".", 1)[-1],
+                "dcc.launcher": str(_get(config, "hydra.launcher._target_", "")).rsplit(".", 1)[-1],
+                "dcc.command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:5000],
+                "mlflow.note.content": f"Sweep `{name}`: its jobs are the child runs. "
+                                       f"Table: `python -m dcc.report {name}`.",
+            }
+            if key is not None:
+                tags[SWEEP_KEY_TAG] = key
+            run = self.client.create_run(exp_id, run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+            self.run_id = run.info.run_id
+        self._previous_env = os.environ.get(PARENT_RUN_ENV)
+        os.environ[PARENT_RUN_ENV] = self.run_id
+        self._open = True
+        atexit.register(self._close_if_open)
+        if key is None or not found:
+            try:
+                self._log_sweep_params(config)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not log the sweep's overrides to its MLflow run (%s)", exc)
+        print(f"MLflow sweep run {self.run_id} ({name}) in experiment {experiment!r} at {uri}", flush=True)
+
+    def _log_sweep_params(self, config: DictConfig) -> None:
+        """The command-line overrides (swept keys as ``a,b,c``) and the sweeper's search space."""
+        from mlflow.entities import Param
+
+        params: dict[str, str] = {}
+        for override in _get(config, "hydra.overrides.task", []) or []:
+            k, _, v = str(override).partition("=")
+            params[f"override/{k.lstrip('+~')}"] = v
+        for k, v in (_get(config, "hydra.sweeper.params", {}) or {}).items():
+            params[f"search/{k}"] = str(v)
+        for k in ("n_trials", "n_jobs", "study_name", "storage", "direction"):
+            v = _get(config, f"hydra.sweeper.{k}")
+            if v is not None:
+                params[f"sweeper/{k}"] = str(v)
+        # MLflow keys: alphanumerics and _ - . space : / only (cluster@hydra.launcher -> cluster_hydra.launcher)
+        items = [Param(re.sub(r"[^\w\-. :/]", "_", k), v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    # ----------------------------------------------------------------------------------------------
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._open:
+            self._finish("FINISHED")
+
+    def _close_if_open(self) -> None:
+        if self._open:  # the sweep raised: keep what finished, mark the parent failed
+            self._finish("FAILED")
+
+    def _finish(self, status: str) -> None:
+        self._open = False
+        if self._previous_env is None:
+            os.environ.pop(PARENT_RUN_ENV, None)
+        else:
+            os.environ[PARENT_RUN_ENV] = self._previous_env
+        try:
+            self._summarise()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not write the sweep's report (%s)", exc)
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not close the sweep's MLflow parent run %s (%s)", self.run_id, exc)
+
+    def _summarise(self) -> None:
+        from dcc import report as rep
+
+        children = rep.search_all(self.client, [e.experiment_id for e in self.client.search_experiments()],
+                                  f"tags.`{rep.PARENT_TAG}` = '{self.run_id}'")
+        counts: dict[str, int] = {}
+        for r in children:
+            counts[r.info.status] = counts.get(r.info.status, 0) + 1
+        for status, n in counts.items():
+            self.client.set_tag(self.run_id, f"dcc.jobs_{status.lower()}", str(n))
+        results = self.sweep_dir / "optimization_results.yaml" if self.sweep_dir else None
+        if results is not None and results.exists():
+            self.client.log_artifact(self.run_id, str(results), "optuna")
+        if self.report and counts.get("FINISHED"):
+            out = (self.sweep_dir or Path("multirun")) / "report"
+            report, files = rep.report_for_parent(self.client, self.run_id, out_dir=out)
+            print("\n" + rep.to_markdown(report), flush=True)
+            print(f"report: {', '.join(str(f) for f in files.values())} (also in the MLflow parent run "
+                  f"{self.run_id}, artifacts/report)", flush=True)

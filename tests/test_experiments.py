@@ -1,0 +1,136 @@
+"""Paper presets: every released hyperparameter, and parameter counts equal to a hand count of the authors' nets."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from dcc.app import summary
+from dcc.config import validate
+from tests.conftest import ROOT, compose_cfg
+
+PRESETS = ["voc_deeplabv3plus_r50", "voc_deeplabv3plus_r101", "voc_pspnet_r50", "cityscapes_deeplabv3plus_r50"]
+
+
+def conv(cin: int, cout: int, k: int = 1, bias: bool = False) -> int:
+    return cin * cout * k * k + (cout if bias else 0)
+
+
+def bn(c: int) -> int:
+    return 2 * c  # weight and bias
+
+
+def resnet(blocks: list[int], deep_stem: bool = False) -> int:
+    """Bottleneck ResNet without its fc layer, from the architecture description."""
+    if deep_stem:  # 3x3 convs 64-64-128
+        total = conv(3, 64, 3) + bn(64) + conv(64, 64, 3) + bn(64) + conv(64, 128, 3) + bn(128)
+        cin = 128
+    else:  # 7x7 conv 64
+        total = conv(3, 64, 7) + bn(64)
+        cin = 64
+    for width, n in zip((64, 128, 256, 512), blocks):
+        for b in range(n):
+            total += conv(cin, width) + bn(width) + conv(width, width, 3) + bn(width) + conv(width, 4 * width) + bn(4 * width)
+            if b == 0:
+                total += conv(cin, 4 * width) + bn(4 * width)  # downsample
+            cin = 4 * width
+    return total
+
+
+def deeplabv3plus_head() -> int:
+    aspp = conv(2048, 256) + bn(256) + 3 * (conv(2048, 256, 3) + bn(256)) + conv(2048, 256) + bn(256)  # + pooling
+    aspp += conv(5 * 256, 256) + bn(256)
+    decoder = conv(256, 48) + bn(48) + conv(304, 256, 3) + bn(256) + conv(256, 256, 3) + bn(256)
+    return aspp + decoder
+
+
+def psp_head() -> int:
+    return 4 * (conv(2048, 512) + bn(512)) + conv(4096, 512, 3) + bn(512)
+
+
+def projector(c: int) -> int:
+    return conv(c, c, bias=True) + conv(c, 128, bias=True)
+
+
+R50, R101 = [3, 4, 6, 3], [3, 4, 23, 3]
+EXPECTED = {  # (backbone, head + classifier + projector)
+    "voc_deeplabv3plus_r50": (resnet(R50), deeplabv3plus_head() + conv(256, 21, bias=True) + projector(256)),
+    "voc_deeplabv3plus_r101": (resnet(R101), deeplabv3plus_head() + conv(256, 21, bias=True) + projector(256)),
+    "voc_pspnet_r50": (resnet(R50, deep_stem=True), psp_head() + conv(512, 21, bias=True) + projector(512)),
+    "cityscapes_deeplabv3plus_r50": (resnet(R50), deeplabv3plus_head() + conv(256, 19, bias=True) + projector(256)),
+}
+
+
+def test_hand_count_of_the_plain_resnets_matches_the_published_sizes():
+    # torchvision: resnet50 25,557,032 and resnet101 44,549,160 parameters, of which the fc layer is 2,049,000
+    assert resnet(R50) == 25_557_032 - 2_049_000 and resnet(R101) == 44_549_160 - 2_049_000
+
+
+def test_every_preset_is_listed():
+    assert sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_summary_reports_the_authors_parameter_counts(preset):
+    cfg = compose_cfg([f"experiment={preset}", "backbone.weights=null", "task=summary"])
+    validate(cfg)
+    backbone, rest = EXPECTED[preset]
+    counts = dict(item.split("=") for item in summary(cfg).removeprefix("params: ").split())
+    assert int(counts["backbone"]) == backbone
+    assert int(counts["total"]) == backbone + rest
+
+
+COMMON = {
+    "optim.name": "sgd", "optim.momentum": 0.9, "optim.weight_decay": 1e-4, "optim.backbone_lr_mult": 0.1,
+    "optim.poly_power": 0.9, "trainer.max_steps": 92560, "trainer.batch_size": 8, "trainer.unlabeled_batch_size": 8,
+    "trainer.eval_every": 1157, "trainer.seed": 42, "loss.weight": 0.1, "loss.temperature": 0.1,
+    "loss.pos_threshold": 0.75, "loss.start_step": 5 * 1157, "loss.proj_dim": 128, "loss.method": "cac",
+    "loss.preset": "ablation_viii", "dataset.labeled_scale": [0.5, 2.0], "dataset.unlabeled_scale": [0.8, 2.0],
+    "dataset.iou_range": [0.1, 1.0], "dataset.unlabeled_color_jitter_p": 0.8, "dataset.unlabeled_grayscale_p": 0.2,
+    "dataset.unlabeled_blur_p": 0.5, "dataset.blur_kernel": 5, "eval.mode": "whole", "eval.pad_multiple": 8,
+    "segnet.consistency_stride": 8,
+}
+SPECIFIC = {
+    "voc_deeplabv3plus_r50": {"optim.lr": 0.01, "dataset.crop_size": 320, "dataset.base_size": 400,
+                              "dataset.color_jitter_p": 0.0, "loss.selected_num": 6400, "loss.bank_steps": 1,
+                              "segnet.output_stride": 16, "segnet.multi_grid": [1, 2, 4], "dataset.protocol": "aug",
+                              "backbone.name": "resnet50"},
+    "voc_deeplabv3plus_r101": {"optim.lr": 0.01, "dataset.crop_size": 320, "loss.bank_steps": 2,
+                               "backbone.name": "resnet101", "dataset.protocol": "aug"},
+    "voc_pspnet_r50": {"optim.lr": 0.01, "dataset.crop_size": 320, "segnet.output_stride": 8, "segnet.name": "pspnet",
+                       "dataset.protocol": "classic", "split.name": "full", "segnet.bins": [1, 2, 3, 6],
+                       "backbone.kwargs": {"stem_type": "deep", "stem_width": 64}},
+    "cityscapes_deeplabv3plus_r50": {"optim.lr": 0.1, "dataset.crop_size": 720, "dataset.base_size": 2048,
+                                     "dataset.color_jitter_p": 1.0, "loss.selected_num": 16200, "loss.bank_steps": 0,
+                                     "dataset.num_classes": 19},
+}
+
+
+def _get(cfg, key):
+    """The value at ``key`` as plain Python (enums as their names, lists and dicts as containers)."""
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, Enum):
+        return value.name
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_set_the_released_hyperparameters(preset):
+    cfg = compose_cfg([f"experiment={preset}", "backbone.weights=null"])
+    for key, value in {**COMMON, **SPECIFIC[preset]}.items():
+        assert _get(cfg, key) == value, (preset, key)
+    # the split of the command line wins over a preset's default split
+    assert compose_cfg([f"experiment={preset}", "backbone.weights=null", "split='1_8'"]).split.name == "1_8"
+
+
+def test_presets_require_the_imagenet_weights(monkeypatch):
+    monkeypatch.delenv("DCC_RESNET50_WEIGHTS", raising=False)
+    cfg = compose_cfg(["experiment=voc_deeplabv3plus_r50"])
+    with pytest.raises(InterpolationResolutionError, match="DCC_RESNET50_WEIGHTS"):
+        _ = cfg.backbone.weights
+    monkeypatch.setenv("DCC_RESNET50_WEIGHTS", "/weights/resnet50.pth")
+    assert compose_cfg(["experiment=voc_deeplabv3plus_r50"]).backbone.weights == str(Path("/weights/resnet50.pth"))
