@@ -40,8 +40,11 @@ def test_few_step_run_logs_everything_to_mlflow(tiny_overrides, tmp_path):
     # flushed at every log (2), eval and checkpoint (3) step; the consistency loss exists from step start_step + 1 = 3
     assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_ce")] == [2, 3, 4, 6]
     assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_u")] == [3, 4, 6]
+    assert r.data.params["split_manifest/num_labeled"] == "12" and len(r.data.params["split_manifest/sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"config.yaml", "checkpoint", "predictions"} <= artifacts
+    assert {"config.yaml", "checkpoint", "predictions", "split"} <= artifacts
+    assert sorted(a.path for a in client.list_artifacts(r.info.run_id, "split")) == [
+        "split/split_labeled.txt", "split/split_unlabeled.txt"]
     assert [a.path for a in client.list_artifacts(r.info.run_id, "predictions")] == ["predictions/predictions.png"]
 
 
