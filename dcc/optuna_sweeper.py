@@ -1,14 +1,17 @@
 """The Optuna sweeper of ``hparams_search=...``: a persistent study that survives failed trials and restarts.
 
-It is hydra-optuna-sweeper's sweeper (same config keys, same search-space syntax, trials launched by
-whichever ``hydra/launcher`` is selected, ``n_jobs`` at a time) with three changes:
+Configured like hydra-optuna-sweeper (``hydra.sweeper``: ``sampler``, ``direction``, ``storage``,
+``study_name``, ``n_trials``, ``n_jobs``, ``params`` in Hydra's sweep syntax: ``choice(...)``,
+``range(...)``, ``interval(...)``, ``tag(log, interval(...))``) and launching trials through whichever
+``hydra/launcher`` is selected, ``n_jobs`` at a time, but independent of that plugin: it uses only
+Optuna's public ``suggest_*`` / ask-and-tell API, so it runs with Optuna 2.10 as with 3.x and 4.x.
 
 * ``n_trials`` is the size of the whole study: running the same command again continues the study in
-  its storage and runs only the trials still missing (raise ``n_trials`` to search further);
-* a trial whose job raises (out of memory, a non-finite loss, a rejected config) or returns a value
+  its storage and runs only the trials still missing (raise ``n_trials`` to search further).
+* A trial whose job raises (out of memory, a non-finite loss, a rejected config) or returns a value
   that is not finite is recorded as FAIL with the error in its user attributes (``error``,
-  ``traceback``); the search goes on;
-* trials left RUNNING by a search that was interrupted (Ctrl-C, a killed login shell) are run again
+  ``traceback``); the search goes on. So does a batch whose launcher fails outright.
+* Trials left RUNNING by a search that was interrupted (Ctrl-C, a killed login shell) are run again
   with the same parameters when the command is repeated, so an interrupted study ends with exactly
   ``n_trials`` trials. A RUNNING trial whose sweeper process is still alive on this machine is left
   alone (two commands may share a study).
@@ -26,17 +29,81 @@ import os
 import re
 import socket
 import traceback
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import optuna
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from omegaconf import OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Transformer
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
 
 OWNER_ATTR = "dcc.sweeper"  # host:pid of the sweeper process that launched a trial
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+
+
+@dataclass
+class Param:
+    """One searched key: categorical ``choices``, or an int / float range (``step``, ``log``)."""
+
+    kind: str  # categorical | int | float
+    choices: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    step: float | None = None
+    log: bool = False
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def grid(self) -> list[Any]:
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.step is None or self.log:
+            raise ValueError("a grid needs choice(...) or range(...), not interval(...)")
+        n = int(round((self.high - self.low) / self.step)) + 1
+        values = [self.low + i * self.step for i in range(n)]
+        return [int(v) for v in values] if self.kind == "int" else values
+
+
+def parse_search_space(overrides: Sequence[str]) -> tuple[dict[str, Param], dict[str, str]]:
+    """Hydra sweep overrides -> (searched keys, fixed ``key=value`` overrides)."""
+    space: dict[str, Param] = {}
+    fixed: dict[str, str] = {}
+    for ov in OverridesParser.create().parse_overrides(list(overrides)):
+        name = ov.get_key_element()
+        if not ov.is_sweep_override():
+            fixed[name] = ov.get_value_element_as_str()
+        elif ov.is_choice_sweep():
+            space[name] = Param("categorical", choices=tuple(ov.sweep_iterator(transformer=Transformer.encode)))
+        elif ov.is_range_sweep():
+            value = ov.value()
+            if value.shuffle:
+                space[name] = Param("categorical", choices=tuple(ov.sweep_iterator(transformer=Transformer.encode)))
+                continue
+            points = list(value.range())
+            if not points:
+                raise ValueError(f"{name}: empty range")
+            is_int = all(isinstance(x, int) for x in (value.start, value.stop, value.step))
+            space[name] = Param("int" if is_int else "float", low=points[0], high=points[-1], step=value.step)
+        elif ov.is_interval_sweep():
+            value = ov.value()
+            is_int = isinstance(value.start, int) and isinstance(value.end, int)
+            space[name] = Param("int" if is_int else "float", low=value.start, high=value.end, log="log" in value.tags)
+        else:
+            raise ValueError(f"{name}: unsupported sweep {ov.input_line!r}")
+    for name in fixed:  # a command-line value replaces the configured search of that key
+        space.pop(name, None)
+    return space, fixed
 
 
 def _owner() -> str:
@@ -66,22 +133,44 @@ def _override(name: str, value: Any) -> str:
     return f"{name}={value}"
 
 
-class StudySweeper(OptunaSweeperImpl):
-    """See the module docstring; configured like ``hydra/sweeper=optuna`` (through :class:`hydra_plugins.dcc_plugins.sweeper.OptunaStudySweeper`)."""
+class StudySweeper(Sweeper):
+    def __init__(self, sampler: Any = None, direction: Any = "minimize", storage: str | None = None,
+                 study_name: str | None = None, n_trials: int = 20, n_jobs: int = 1,
+                 params: DictConfig | dict | None = None, **unused: Any) -> None:
+        if unused:
+            log.warning("optuna sweeper: ignoring %s", sorted(unused))
+        self.sampler = sampler
+        self.direction = direction
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials = int(n_trials)
+        self.n_jobs = max(1, int(n_jobs))
+        self.params = dict(params or {})
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.job_idx = 0
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def _directions(self) -> list[str]:
+        d = self.direction
+        items = list(d) if isinstance(d, (list, tuple)) or OmegaConf.is_list(d) else [d]
+        return [str(getattr(x, "name", x)) for x in items]
 
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
-        self._process_searchspace_config()
-        space, fixed = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
-        for name in fixed:
-            space.pop(name, None)
-        n_total = self.n_trials
-        if isinstance(self.sampler, functools.partial) and self.sampler.func is optuna.samplers.GridSampler:
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
-            self.sampler = self.sampler(grid)
+        space, fixed = parse_search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
+        sampler, n_total = self.sampler, self.n_trials
+        if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
+            grid = {name: p.grid() for name, p in space.items()}
+            sampler = sampler(grid)
             n_total = min(n_total, math.prod(len(v) for v in grid.values()))
-        directions = self._get_directions()
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+        directions = self._directions()
+        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=sampler,
                                     directions=directions, load_if_exists=True)
 
         trials = study.get_trials(deepcopy=False)
@@ -102,12 +191,9 @@ class StudySweeper(OptunaSweeperImpl):
                 batch.append((t.number, t._trial_id, dict(t.params)))
             while to_ask > 0 and len(batch) < self.n_jobs:
                 trial = study.ask()
-                for name, dist in space.items():
-                    trial._suggest(name, dist)
-                if self.custom_search_space_extender:
-                    self.custom_search_space_extender(self.config, trial)
+                values = {name: p.suggest(trial, name) for name, p in space.items()}
                 trial.set_user_attr(OWNER_ATTR, _owner())
-                batch.append((trial.number, trial._trial_id, dict(trial.params)))
+                batch.append((trial.number, trial._trial_id, values))
                 to_ask -= 1
             overrides = [tuple(_override(k, v) for k, v in {**params, **fixed}.items()) for _, _, params in batch]
             try:
@@ -144,11 +230,12 @@ class StudySweeper(OptunaSweeperImpl):
     def _tell(study: optuna.Study, number: int, values: list[float] | None, state: TrialState) -> None:
         try:
             study.tell(number, values=values, state=state)
-        except RuntimeError as exc:  # GridSampler stops the study when the grid is exhausted
+        except RuntimeError as exc:  # Optuna 2's GridSampler stops the study when the grid is exhausted
             if "Study.stop" not in str(exc):
                 raise
 
-    def _save_results(self, study: optuna.Study, fixed: dict[str, Any]) -> None:
+    def _save_results(self, study: optuna.Study, fixed: dict[str, str]) -> None:
+        assert self.config is not None
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         failed = [t for t in trials if t.state == TrialState.FAIL]
@@ -172,7 +259,7 @@ class StudySweeper(OptunaSweeperImpl):
             results["solutions"] = [{"number": t.number, "params": dict(t.params), "values": list(t.values)}
                                     for t in study.best_trials]
             print(f"{len(study.best_trials)} Pareto-optimal trials of study {study.study_name!r}", flush=True)
-        path = f"{self.config.hydra.sweep.dir}/optimization_results.yaml"
+        path = os.path.join(str(self.config.hydra.sweep.dir), "optimization_results.yaml")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         OmegaConf.save(OmegaConf.create(results), path)
         print(f"Optuna results: {path}", flush=True)

@@ -1,4 +1,4 @@
-"""Checkpoint-then-exit on SIGTERM / SIGUSR1 (SLURM preemption and time limits).
+"""Checkpoint-then-exit on SIGTERM / SIGUSR1 / SIGUSR2 (SLURM preemption and time limits).
 
 The handler only records the signal; the training loop checkpoints at the next step boundary (a
 consistent state) and then hands the signal on: to the previous handler when there is one
@@ -13,7 +13,7 @@ import threading
 from types import FrameType
 from typing import Any, Callable
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # SIGUSR2: submitit's default time-limit signal
 
 
 def requeued() -> bool:

@@ -311,12 +311,20 @@ def _signed(x: float | None) -> str:
     return "" if x is None else f"{x:+.1f}"
 
 
+def short(value: str) -> str:
+    """A swept value for display: long floats (Optuna's) to 4 significant digits."""
+    try:
+        return f"{float(value):.4g}" if len(value) > 6 and "." in value else value
+    except ValueError:
+        return value
+
+
 def col_label(col: tuple[tuple[str, str], ...], keys: Sequence[str]) -> str:
     if len(keys) == 1 and keys[0] == "split":
         return col[0][1].replace("_", "/")
     if len(keys) == 1:  # one swept key: its last part is enough (weight=0.1)
-        return f"{keys[0].rsplit('/', 1)[-1]}={col[0][1]}"
-    return ", ".join(f"{k}={v}" for k, v in col)
+        return f"{keys[0].rsplit('/', 1)[-1]}={short(col[0][1])}"
+    return ", ".join(f"{k}={short(v)}" for k, v in col)
 
 
 def layout_for(report: Report, layout: str = "auto") -> str:
@@ -359,7 +367,8 @@ def to_markdown(report: Report, layout: str = "auto") -> str:
             [report.paper_label, "Δ"] if paper_cols else [])
         body = []
         for c in report.cells:
-            line = [c.row, *[v for _, v in c.col], str(c.n), _fmt(c.best_mean_std, c.n), _fmt(c.last_mean_std, c.n)]
+            line = [c.row, *[short(v) for _, v in c.col], str(c.n), _fmt(c.best_mean_std, c.n),
+                    _fmt(c.last_mean_std, c.n)]
             if paper_cols:
                 line += [f"{c.paper:.1f}" if c.paper is not None else "", _signed(c.delta)]
             body.append(line)

@@ -1,0 +1,39 @@
+"""``hydra/sweeper: dcc_optuna``: the persistent Optuna study sweeper of :mod:`dcc.optuna_sweeper`."""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+@dataclass
+class OptunaStudySweeperConf:
+    _target_: str = "hydra_plugins.dcc_plugins.sweeper.OptunaStudySweeper"
+    # an Optuna sampler to instantiate, e.g. {_target_: optuna.samplers.TPESampler, seed: 1}; a grid:
+    # {_target_: optuna.samplers.GridSampler, _partial_: true} (the grid comes from params)
+    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": None})
+    direction: Any = "minimize"  # minimize | maximize, or a list of them
+    storage: Optional[str] = None  # e.g. sqlite:///optuna.db; None: in memory, lost at exit
+    study_name: Optional[str] = None
+    n_trials: int = 20  # trials of the whole study (a repeated command continues it up to this number)
+    n_jobs: int = 1  # trials launched at a time
+    params: Optional[Dict[str, str]] = None  # key: Hydra sweep, e.g. loss.weight: tag(log, interval(0.01, 1))
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="dcc_optuna", node=OptunaStudySweeperConf, provider="dcc")
+
+
+class OptunaStudySweeper(Sweeper):
+    def __init__(self, **kwargs: Any) -> None:
+        from dcc.optuna_sweeper import StudySweeper
+
+        self.sweeper = StudySweeper(**kwargs)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        return self.sweeper.sweep(arguments)

@@ -1,0 +1,37 @@
+# Sourced by the sweep scripts of this directory: runs `python run.py -m` in the current directory (the
+# launch directory: mlflow.db, runs/ and multirun/ are written there; usually the repository root) with
+# the script's sweep (the array SWEEP), named after it (hydra.job.name: the MLflow parent run, the
+# SLURM job name and `python -m dcc.report <name>`), plus a budget profile and the user's overrides:
+#
+#   bash sweeps/<name>.sh [try|paper] [overrides...]
+#
+#   (no profile)  the config's own budget: on the embedded dataset the digits preset (600 steps per job)
+#   try           a few minutes on a CPU: 40 steps per job on the embedded digits scenes
+#   paper         the paper's setting: the preset conf/experiment/$EXPERIMENT.yaml (default
+#                 voc_deeplabv3plus_r50: Pascal VOC, DeepLabv3+ ResNet-50, the authors' schedule); add the
+#                 data and weights (dataset.root=... backbone.weights=...) and a launcher (hydra/launcher=slurm)
+#   SEEDS=1,2,3   environment variable: every job of the sweep for each of these seeds
+#   PYTHON=...    the interpreter (default: python)
+#
+# Any override can follow, e.g. hydra/launcher=slurm, hydra/launcher=local hydra.sweeper.max_batch_size=2,
+# logger.tracking_uri=http://host:5000, trainer.max_steps=200.
+
+TRY=(trainer.max_steps=40 trainer.eval_every=20 trainer.checkpoint_every=20 loss.start_step=10)
+PAPER=("experiment=${EXPERIMENT:-voc_deeplabv3plus_r50}")
+
+run_sweep() {
+    local name="$1"; shift
+    local extra=()
+    case "${1:-}" in
+        try) extra=("${TRY[@]}"); shift ;;
+        paper) extra=("${PAPER[@]}"); shift ;;
+    esac
+    if [[ -n "${SEEDS:-}" ]]; then
+        extra+=("trainer.seed=${SEEDS}")
+    fi
+    local root
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    set -x
+    exec "${PYTHON:-python}" "$root/run.py" -m hydra/callbacks=mlflow_parent hydra.job.name="$name" \
+        "${SWEEP[@]}" "${extra[@]}" "$@"
+}

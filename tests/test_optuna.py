@@ -1,0 +1,97 @@
+"""hparams_search=lambda_gamma_tau: a persistent Optuna study that survives a failed trial and a restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import optuna
+import pytest
+import yaml
+from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import ROOT
+from tests.test_sweep_parent import run_py, sweep_overrides, tracking_uri
+
+# `hparams_search=...` once the entry config lists the group (`- hparams_search: null`), `+...` before
+_LISTED = "hparams_search:" in (ROOT / "conf" / "config.yaml").read_text()
+SEARCH = ("" if _LISTED else "+") + "hparams_search=lambda_gamma_tau"
+
+
+def _study(tmp_path, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def _states(study):
+    return sorted(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+class CtrlCAtJob(Callback):
+    """Test helper, loaded by Hydra in the sweep's process: Ctrl-C as job ``job_num`` starts."""
+
+    def __init__(self, job_num: int) -> None:
+        self.job_num = job_num
+
+    def on_job_start(self, config, **kwargs) -> None:
+        if config.hydra.job.num == self.job_num:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt arrives here
+
+
+@pytest.mark.slow
+def test_search_interrupted_after_two_trials_continues_to_four(tiny_overrides, tmp_path):
+    over = sweep_overrides(tiny_overrides)
+    args = ["-m", SEARCH, "hydra/callbacks=mlflow_parent", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=1",
+            "hydra.sweeper.study_name=s", *over, "trainer.max_steps=2"]
+    ctrl_c = ["+hydra.callbacks.ctrl_c._target_=tests.test_optuna.CtrlCAtJob", "+hydra.callbacks.ctrl_c.job_num=2"]
+    first = run_py(args + ctrl_c, tmp_path)
+    assert first.returncode != 0 and "KeyboardInterrupt" in first.stderr, first.stderr[-3000:]
+    # two trials done, the third was asked and left RUNNING by the interrupted search
+    assert _states(_study(tmp_path, "s")) == ["COMPLETE", "COMPLETE", "RUNNING"]
+
+    again = run_py(args, tmp_path)  # the same command again
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = _study(tmp_path, "s")
+    assert _states(study) == ["COMPLETE"] * 4
+    params = [t.params for t in study.trials]
+    assert all(set(p) == {"loss.weight", "loss.pos_threshold", "loss.temperature"} for p in params)
+    assert all(0.5 <= p["loss.pos_threshold"] <= 0.95 for p in params)
+    results = yaml.safe_load(sorted(tmp_path.glob("multirun/*/*/optimization_results.yaml"))[-1].read_text())
+    assert results["n_trials"] == 4 and results["best_trial"] == study.best_trial.number
+    assert results["best_params"] == study.best_params
+    assert "Best trial" in again.stdout and "reproduce: python run.py loss." in again.stdout
+
+    # both commands are one sweep in MLflow: one parent run, four finished trials as its children
+    client = MlflowClient(tracking_uri=tracking_uri(over))
+    exp = client.get_experiment_by_name("digits")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`dcc.sweep` = 'true'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["dcc.sweep_name"] == "lambda_gamma_tau"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 4
+    assert "optuna/optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_recorded_with_its_error_and_the_search_goes_on(tiny_overrides, tmp_path):
+    # gamma = 1.0 is rejected when the job starts (ConfigError); the sampler's fixed seed picks both values
+    args = ["-m", SEARCH, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", "hydra.sweeper.study_name=f",
+            "hydra.sweeper.params={loss.pos_threshold:'choice(0.5,1.0)'}",
+            *sweep_overrides(tiny_overrides), "trainer.max_steps=2", "logger=none"]
+    proc = run_py(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _study(tmp_path, "f").trials
+    assert len(trials) == 3 and {t.params["loss.pos_threshold"] for t in trials} == {0.5, 1.0}
+    for t in trials:
+        if t.params["loss.pos_threshold"] == 0.5:
+            assert t.state == TrialState.COMPLETE
+        else:
+            assert t.state == TrialState.FAIL and "pos_threshold" in t.user_attrs["error"]
+            assert "ConfigError" in t.user_attrs["traceback"]
+    results = yaml.safe_load(next(tmp_path.glob("multirun/*/*/optimization_results.yaml")).read_text())
+    assert results["best_params"]["loss.pos_threshold"] == 0.5  # the other two keys are still searched
+    assert results["n_failed"] == sum(t.state == TrialState.FAIL for t in trials)
+    assert "failed (recorded as FAIL, the search goes on)" in proc.stdout + proc.stderr
