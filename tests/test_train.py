@@ -127,6 +127,8 @@ def test_two_job_sweep_from_the_command_line(tiny_overrides, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = _client(tiny_overrides)
     runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the sweep's parent run
+    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted((r.data.tags["loss"], r.data.tags["split"], r.info.status) for r in runs) == [
         ("ablation_iv", "1_8", "FINISHED"), ("ablation_viii", "1_8", "FINISHED")]
     assert proc.stdout.count("final val mIoU") == 2 and "mlflow ui --backend-store-uri" in proc.stdout
