@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 
 class Choice(Enum):
@@ -31,6 +31,11 @@ class DatasetName(Choice):
 class VocProtocol(Choice):
     aug = "aug"  # labeled images drawn from the 10,582 augmented set (SegmentationClassAug labels)
     classic = "classic"  # labeled images drawn from the 1,464 fine train set, the other 9,118 unlabeled
+
+
+class ImageLabelSource(Choice):
+    masks = "masks"  # the foreground classes present in each image's segmentation mask (VOC: SegmentationClassAug)
+    xml = "xml"  # VOC only: the object classes of Annotations/<id>.xml
 
 
 class EvalMode(Choice):
@@ -108,6 +113,10 @@ class DatasetConfig:
     unlabeled_grayscale_p: float = 0.2
     unlabeled_blur_p: float = 0.5
     blur_kernel: int = 5
+    # Image-level labels of the unlabeled images (the weakly-supervised setting, Table 5): the foreground
+    # classes present in each image. On by default exactly when loss.weak=true; voc and digits only.
+    image_labels: bool = II("loss.weak")
+    image_label_source: ImageLabelSource = ImageLabelSource.masks
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
 
 
@@ -176,6 +185,8 @@ class LossConfig:
     selected_num: int = 6400  # negatives sampled per view per step
     bank_steps: int = 1  # FIFO bank keeps the current step and this many previous ones
     proj_dim: int = 128
+    weak: bool = False  # Eq. 10-11: the image-level classifier C_w on both unlabeled views (needs image labels)
+    weak_weight: float = 0.4  # lambda_w (the authors' unused flag defaulted to 0.4)
     teacher_checkpoint: Optional[str] = None  # st: skip the teacher phase
     st_threshold: float = 0.0  # st: pseudo-labels below this confidence are ignored
 
@@ -272,6 +283,12 @@ def validate(cfg: Any) -> None:
     _check(loss.weight >= 0, f"loss.weight (lambda) must be >= 0, got {loss.weight}")
     _check(loss.temperature > 0, f"loss.temperature (tau) must be > 0, got {loss.temperature}")
     _check(0.0 <= loss.pos_threshold < 1.0, f"loss.pos_threshold (gamma) must be in [0, 1), got {loss.pos_threshold}")
+    _check(loss.weak_weight >= 0, f"loss.weak_weight (lambda_w) must be >= 0, got {loss.weak_weight}")
+    if loss.weak:
+        _check(method is Method.cac,
+               f"loss.weak=true adds C_w to CAC's unlabeled branch (Eq. 10): it needs loss.method=cac, got {method.name}")
+        _check(bool(cfg.dataset.image_labels),
+               "loss.weak=true needs image-level labels of the unlabeled images: set dataset.image_labels=true")
     _check(loss.selected_num > 0, f"loss.selected_num must be > 0, got {loss.selected_num}")
     _check(loss.bank_steps >= 0, f"loss.bank_steps must be >= 0, got {loss.bank_steps}")
     _check(loss.start_step >= 0, f"loss.start_step must be >= 0, got {loss.start_step}")
@@ -296,6 +313,18 @@ def validate(cfg: Any) -> None:
         not ds.class_names or len(ds.class_names) == ds.num_classes,
         f"dataset.class_names has {len(ds.class_names)} names but dataset.num_classes={ds.num_classes}",
     )
+    source = ImageLabelSource[str(getattr(ds.image_label_source, "name", ds.image_label_source))]
+    if ds.image_labels:
+        _check(
+            dataset in (DatasetName.voc, DatasetName.digits),
+            f"dataset.image_labels=true: dataset={dataset.name} has no image-level labels "
+            "(available for voc, from its masks or XML annotations, and for digits, the digits in each scene)",
+        )
+        _check(
+            source is ImageLabelSource.masks or dataset is DatasetName.voc,
+            f"dataset.image_label_source=xml reads VOC's Annotations/*.xml: it only exists for dataset=voc "
+            f"(got dataset={dataset.name}; use masks)",
+        )
     for name, size in ds.split_sizes.items():
         _check(size > 0, f"dataset.split_sizes.{name} must be > 0, got {size}")
     ev = cfg.eval

@@ -1,7 +1,8 @@
 """The unsupervised branch: two overlapping views -> aligned overlap features -> consistency loss.
 
 ``L = L_ce + lambda * L_dc`` (Eq. 8): this module computes ``L_dc`` (or the L2 alignment of ablation
-row I) for one batch of unlabeled pairs.
+row I) for one batch of unlabeled pairs, and with ``loss.weak=true`` also ``L_w`` of Eq. 10-11 from the
+same forward pass (the image-level classifier C_w on each view's features, against the image's labels).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from dcc.bank import NegativeBank, sample_negatives
-from dcc.losses import directional_contrastive_loss, l2_alignment_loss
+from dcc.losses import directional_contrastive_loss, l2_alignment_loss, weak_classification_loss
 from dcc.models.segmentor import Segmentor
 from dcc.overlap import overlap_pairs
 
@@ -23,10 +24,19 @@ class ConsistencyBranch:
         self.bank = NegativeBank(loss_cfg.bank_steps)
 
     def __call__(self, model: Segmentor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Returns ``{"loss_u": scalar}`` (before the weight lambda)."""
-        cfg = self.cfg
+        """Returns ``{"loss_u": scalar}`` (before the weight lambda) and, with ``loss.weak``, ``"loss_w"``
+        (before lambda_w)."""
+        terms = {}
         views = torch.cat([batch["view1"], batch["view2"]])
-        phi, logits = model.consistency_outputs(model.features(views))
+        feats = model.features(views)
+        if self.cfg.weak:
+            weak1, weak2 = model.weak_logits(feats).float().chunk(2)
+            terms["loss_w"] = weak_classification_loss(weak1, weak2, batch["image_labels"])
+        return terms | self._consistency(model, feats, batch)
+
+    def _consistency(self, model: Segmentor, feats: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.cfg
+        phi, logits = model.consistency_outputs(feats)
         phi1, phi2 = phi.chunk(2)
         logits1, logits2 = logits.chunk(2)
         dim = phi.shape[1]

@@ -8,6 +8,10 @@
 
 Under torch.distributed each rank evaluates its own shard (``dcc.data.build.eval_loader``) and the
 confusion matrices are summed over ranks before any score is computed.
+
+A model with the image-level classifier C_w (weakly-supervised setting) is also scored as a multi-label
+classifier: its logits on each whole validation image against the foreground classes of the image's
+mask, as the mean average precision over classes (``weak_map``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dcc.metrics import confusion_matrix, scores
+from dcc.metrics import confusion_matrix, mean_average_precision, present_classes, scores
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -82,6 +86,24 @@ def predict(model: Model, image: torch.Tensor, *, mode: str = "whole", pad_multi
     raise ValueError(f"eval.mode must be whole or slide, got {mode!r}")
 
 
+def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows of ``tensor`` from every rank of torch.distributed, concatenated (unchanged without it)."""
+    if dist.is_available() and dist.is_initialized():
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, tensor.cpu())
+        return torch.cat(parts)
+    return tensor.cpu()
+
+
+def weak_scores(model: Any, image: torch.Tensor, pad_multiple: int = 8) -> torch.Tensor:
+    """C_w's logits ``[B, K_fg]`` on whole images (padded like :func:`predict_whole`)."""
+    h, w = image.shape[-2:]
+    pad_h, pad_w = (-h) % pad_multiple, (-w) % pad_multiple
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect" if pad_h < h and pad_w < w else "replicate")
+    return model.weak_logits(model.features(image)).float()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of ``tensor`` over the ranks of torch.distributed (in place); unchanged without it."""
     if dist.is_available() and dist.is_initialized():
@@ -96,12 +118,15 @@ def evaluate(
     stride: int = 341,
 ) -> dict[str, Any]:
     """mIoU, pixel accuracy and per-class IoU from the confusion matrix of the whole set (summed over
-    ranks), the matrix itself, the mode / crop / stride used, and this rank's first ``keep``
-    (image, target, prediction) triples."""
+    ranks), the matrix itself, the mode / crop / stride used, this rank's first ``keep``
+    (image, target, prediction) triples and, for a model with C_w, ``weak_map``."""
     was_training = model.training
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    weak = getattr(model, "weak_classifier", None) is not None
+    weak_out: list[torch.Tensor] = []
+    weak_true: list[torch.Tensor] = []
     options = {"mode": mode, "pad_multiple": pad_multiple, "crop_size": crop_size, "stride": stride}
     for image, target in loader:
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -112,6 +137,9 @@ def evaluate(
             logits = predict(model, image, **options)
         pred = logits.argmax(1)
         conf += confusion_matrix(pred, target, num_classes, ignore_index)
+        if weak:
+            weak_out.append(weak_scores(model, image, pad_multiple))
+            weak_true.append(present_classes(target, num_classes))
         for i in range(min(len(image), keep - len(kept))):
             kept.append((image[i].cpu(), target[i].cpu(), pred[i].cpu()))
     model.train(was_training)
@@ -124,4 +152,8 @@ def evaluate(
     else:
         result["pad_multiple"] = pad_multiple
     result["samples"] = kept
+    if weak:
+        outs = _gather_rows(torch.cat(weak_out) if weak_out else torch.zeros(0, num_classes - 1))
+        trues = _gather_rows(torch.cat(weak_true) if weak_true else torch.zeros(0, num_classes - 1))
+        result["weak_map"] = mean_average_precision(outs.numpy(), trues.numpy())
     return result

@@ -24,6 +24,15 @@ Eq. (6)-(7): positive filtering: ``M_{d,pf} = M_d * 1{conf_p > gamma}`` (``posit
 
 Negatives, confidences and pseudo-labels never receive gradient.
 
+Weakly-supervised setting (Table 5): Eq. (10) ``L = L_ce + lambda L_dc + lambda_w L_w`` with
+Eq. (11) ``L_w = 1/2 (CE(C_w(f_u1), y_p) + CE(C_w(f_u2), y_p))``, where ``C_w`` scores the
+foreground classes from a view's globally pooled features and ``y_p`` is the image's label vector
+(:func:`weak_classification_loss`). Image-level labels are multi-label (a VOC image often holds a
+person and a horse; some hold no foreground class at all), so "CE" here is the per-class binary
+cross-entropy with logits, averaged over classes and images (= ``MultiLabelSoftMarginLoss``). A
+softmax cross-entropy would make the classes present in one image compete for probability mass and
+has no target for an image without foreground.
+
 Cost. The anchors that pass each direction's mask (K of the 2N) are selected before any
 similarity is computed, and the negatives are streamed in blocks of ``chunk_size`` columns with an
 online log-sum-exp inside a custom autograd function whose backward recomputes block by block.
@@ -38,7 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["directional_contrastive_loss", "l2_alignment_loss"]
+__all__ = ["directional_contrastive_loss", "l2_alignment_loss", "weak_classification_loss"]
 
 
 def _anchor_mask(
@@ -254,3 +263,15 @@ def l2_alignment_loss(feat1: Tensor, feat2: Tensor) -> Tensor:
     """
     sq = (feat1 - feat2).pow(2).sum(dim=1)  # [N]
     return sq.sum() / max(sq.numel(), 1)
+
+
+def weak_classification_loss(logits1: Tensor, logits2: Tensor, targets: Tensor) -> Tensor:
+    """Eq. (11): ``L_w = 1/2 (CE(C_w(f_u1), y_p) + CE(C_w(f_u2), y_p))``.
+
+    logits1, logits2: ``C_w`` of the two views, ``[B, K]`` over the K foreground classes;
+    targets: ``y_p``, ``[B, K]`` in {0, 1}. "CE" is the multi-label form: binary cross-entropy with
+    logits per class, mean over the B x K entries (see the module docstring for why).
+    """
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    targets = targets.to(logits1.dtype)
+    return 0.5 * (bce(logits1, targets) + bce(logits2, targets))

@@ -191,10 +191,12 @@ def fit(
                 if branch is not None and step >= start_u:
                     if unl is None:
                         unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=step - start_u,
-                                                    device=device))
+                                                    device=device, image_labels=data.image_labels))
                     batch = {k: v.to(device, non_blocking=True) for k, v in next(unl).items()}
                     terms.update({k: v.float() for k, v in branch(model, batch).items()})
                     total = total + cfg.loss.weight * terms["loss_u"]
+                    if "loss_w" in terms:  # Eq. 10: + lambda_w * L_w
+                        total = total + cfg.loss.weak_weight * terms["loss_w"]
             terms["loss"] = total
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
@@ -220,7 +222,8 @@ def fit(
                 history.append((step, res["miou"]))
                 tracker.log_metrics(
                     {f"{prefix}val/miou": res["miou"], f"{prefix}val/pixel_acc": res["pixel_acc"],
-                     f"{prefix}val/best_miou": best}, step,
+                     f"{prefix}val/best_miou": best}
+                    | ({f"{prefix}val/weak_map": res["weak_map"]} if "weak_map" in res else {}), step,
                 )
                 bar.write(f"{prefix}step {step}: val mIoU {res['miou']:.4f} (best {best:.4f}) pixel acc {res['pixel_acc']:.4f}")
                 if is_last:

@@ -27,6 +27,7 @@ class DataBundle:
     val: Any  # Source of the validation images
     labeled: np.ndarray  # indices into train that keep their labels
     unlabeled: np.ndarray  # indices into train used without labels
+    image_labels: np.ndarray | None = None  # float [len(train), num_classes - 1] with dataset.image_labels=true
 
 
 def _enum(value: Any, enum: type) -> Any:
@@ -73,10 +74,16 @@ def split_indices(num_train: int, fraction: float, seed: int, index: int = 0) ->
 
 
 def build_data(cfg: Any) -> DataBundle:
-    """Sources and the split (``split.labeled_list`` or generated from ``split.seed`` / ``split.index``)."""
+    """Sources, the split (``split.labeled_list`` or generated from ``split.seed`` / ``split.index``) and,
+    with ``dataset.image_labels=true``, the image-level labels of the training images."""
     train, val = load_sources(cfg)
     labeled, unlabeled = choose_split(cfg, train)
-    return DataBundle(train=train, val=val, labeled=labeled, unlabeled=unlabeled)
+    image_labels = None
+    if cfg.dataset.get("image_labels"):
+        from dcc.data.image_labels import load_image_labels
+
+        image_labels = load_image_labels(cfg, train)
+    return DataBundle(train=train, val=val, labeled=labeled, unlabeled=unlabeled, image_labels=image_labels)
 
 
 def _stream_key(seed: int, position: int, stream: str) -> int:
@@ -159,7 +166,8 @@ def labeled_loader(
 
 
 def unlabeled_loader(
-    cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device
+    cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device,
+    image_labels: np.ndarray | None = None,
 ) -> DataLoader:
     ds = cfg.dataset
     dataset = UnlabeledPairDataset(
@@ -178,6 +186,7 @@ def unlabeled_loader(
         grayscale_p=ds.unlabeled_grayscale_p,
         blur_p=ds.unlabeled_blur_p,
         blur_kernel=ds.blur_kernel,
+        image_labels=image_labels,
     )
     batch = cfg.trainer.unlabeled_batch_size
     sampler = StepSampler(len(dataset), seed=cfg.trainer.seed, stream="unlabeled", start=start_step * batch)

@@ -205,8 +205,10 @@ class UnlabeledPairDataset(Dataset):
         blur_p: float = 0.5,
         blur_kernel: int = 5,
         max_tries: int = 50,
+        image_labels: np.ndarray | None = None,
     ) -> None:
-        """See the class docstring; ``context=False`` makes both views the same crop."""
+        """See the class docstring; ``context=False`` makes both views the same crop. ``image_labels``
+        (float ``[len(source), K]``, indexed by source item) adds each image's image-level label vector."""
         assert crop_size % stride == 0, (
             f"crop_size ({crop_size}) must be a multiple of stride ({stride}) so feature cells align"
         )
@@ -225,6 +227,7 @@ class UnlabeledPairDataset(Dataset):
         self.grayscale_p = grayscale_p
         self.blur_p = blur_p
         self.max_tries = max_tries
+        self.image_labels = None if image_labels is None else torch.as_tensor(np.asarray(image_labels, np.float32))
         self.jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1)
         self.blur = v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))
 
@@ -271,7 +274,8 @@ class UnlabeledPairDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Tensor]:
         """Return view1/view2 float32 [3, c, c], offset1/offset2 int64 [2] (y, x in the resized and
-        padded image), flip1/flip2 bool [] (view was flipped horizontally), index int64 []."""
+        padded image), flip1/flip2 bool [] (view was flipped horizontally), index int64 [] and, with
+        image labels, image_labels float32 [K]."""
         index = self.indices[item]
         image_np, _ = self.source.load(index)
         image, _ = _to_tv(image_np, None)
@@ -280,7 +284,7 @@ class UnlabeledPairDataset(Dataset):
         offset1, offset2 = self._offsets(*image.shape[-2:])
         view1, flip1 = self._view(image, offset1)
         view2, flip2 = self._view(image, offset2)
-        return {
+        item_out = {
             "view1": view1,
             "view2": view2,
             "offset1": offset1.long(),
@@ -289,3 +293,6 @@ class UnlabeledPairDataset(Dataset):
             "flip2": torch.tensor(flip2),
             "index": torch.tensor(index, dtype=torch.long),
         }
+        if self.image_labels is not None:
+            item_out["image_labels"] = self.image_labels[index]
+        return item_out

@@ -50,4 +50,5 @@ def build_model(cfg: Any) -> Segmentor:
         classifier_dropout=seg.classifier_dropout,
         proj_dim=cfg.loss.proj_dim if uses_projector else None,
         consistency_stride=seg.consistency_stride,
+        weak_classes=cfg.dataset.num_classes - 1 if cfg.loss.get("weak") else 0,  # C_w over the foreground classes
     )

@@ -11,6 +11,8 @@ import timm
 import torch
 from torch import nn
 
+from dcc.models.vgg import dilate_vgg, is_vgg
+
 log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
@@ -54,6 +56,8 @@ def load_local_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, l
         raise WeightsError(f"backbone.weights: cannot read {path}: {exc}") from exc
     state = _unwrap_state_dict(raw, path)
     own = model.state_dict()
+    # timm's features_only wrapper flattens a top-level Sequential: VGG's features.0.weight is features_0.weight there
+    state = {k if k in own or k.replace(".", "_", 1) not in own else k.replace(".", "_", 1): v for k, v in state.items()}
     shape_errors = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
@@ -91,7 +95,7 @@ def _apply_multi_grid(model: nn.Module, multi_grid: Sequence[int], output_stride
 
 
 class Backbone(nn.Module):
-    """A timm model with ``features_only`` at a given output stride.
+    """A timm model with ``features_only`` at a given output stride (VGG: dilated, see :mod:`dcc.models.vgg`).
 
     ``forward`` returns ``(low, high)``: the stride-4 features (for the DeepLabv3+ decoder) and the
     last stage's features at ``output_stride``.
@@ -112,7 +116,10 @@ class Backbone(nn.Module):
         if pretrained and not allow_download:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         extra = dict(kwargs or {})
-        if output_stride != 32:
+        vgg = is_vgg(name)
+        if vgg:  # timm's VGG has no output_stride: stride-4 tap and the last map, dilated below
+            extra.setdefault("out_indices", (2, 5))
+        elif output_stride != 32:
             extra["output_stride"] = output_stride
         try:
             self.body = timm.create_model(name, features_only=True, pretrained=pretrained, **extra)
@@ -124,6 +131,7 @@ class Backbone(nn.Module):
                 ) from exc
             raise
         _apply_multi_grid(self.body, multi_grid, output_stride)
+        reached = dilate_vgg(self.body, output_stride) if vgg else None
         if weights:
             self.weights_report = load_local_weights(self.body, weights)
         reductions = self.body.feature_info.reduction()
@@ -133,7 +141,7 @@ class Backbone(nn.Module):
         self.high_index = len(reductions) - 1
         self.low_channels = channels[self.low_index]
         self.high_channels = channels[self.high_index]
-        self.output_stride = reductions[self.high_index]
+        self.output_stride = reached or reductions[self.high_index]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.body(x)

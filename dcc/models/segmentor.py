@@ -1,4 +1,5 @@
-"""The segmentation model: backbone -> head -> classifier, plus the projector Phi of the consistency branch."""
+"""The segmentation model: backbone -> head -> classifier, plus the projector Phi of the consistency branch
+and, in the weakly-supervised setting, the image-level classifier C_w."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Segmentor(nn.Module):
         classifier_dropout: float,
         proj_dim: int | None,
         consistency_stride: int,
+        weak_classes: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -39,6 +41,8 @@ class Segmentor(nn.Module):
         self.classifier_dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Conv2d(head.out_channels, num_classes, 1)
         self.projector = Projector(head.out_channels, proj_dim) if proj_dim else None
+        # C_w (Eq. 11): global average pooling of the features f, then a linear layer over the foreground classes
+        self.weak_classifier = nn.Linear(head.out_channels, weak_classes) if weak_classes else None
         if consistency_stride % head.stride:
             raise ValueError(f"consistency stride {consistency_stride} is not a multiple of the head stride {head.stride}")
         self.consistency_stride = consistency_stride
@@ -70,6 +74,12 @@ class Segmentor(nn.Module):
             logits = self.classifier(feats.detach())
         return F.normalize(phi, dim=1), logits
 
+    def weak_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """C_w(f): ``[B, K_fg]`` image-level logits from the features ``[B, C, h, w]`` of :meth:`features`."""
+        if self.weak_classifier is None:
+            raise RuntimeError("this model has no image-level classifier C_w (built with loss.weak=true only)")
+        return self.weak_classifier(feats.mean(dim=(2, 3)))
+
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, everything else): the backbone trains at lr x backbone_lr_mult."""
         backbone = list(self.backbone.parameters())
@@ -78,4 +88,5 @@ class Segmentor(nn.Module):
 
     def param_counts(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
-        return {"total": count(self), "backbone": count(self.backbone), "projector": count(self.projector)}
+        return {"total": count(self), "backbone": count(self.backbone), "projector": count(self.projector),
+                "weak_classifier": count(self.weak_classifier)}
