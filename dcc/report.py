@@ -36,13 +36,14 @@ BEST, LAST = "val/best_miou", "val/final_miou"
 
 # Table 3's rows, in the paper's order; other presets follow alphabetically.
 ROW_ORDER = ("suponly", "st", "ablation_i", "ablation_ii", "ablation_iii", "ablation_iv", "ablation_v",
-             "ablation_vi", "ablation_vii", "ablation_viii")
+             "ablation_vi", "ablation_vii", "ablation_viii", "weakly")
 SPLIT_ORDER = ("1_16", "1_8", "1_4", "1_2", "full")
 
 # Keys that never make a column: the seed (averaged over), the keys a loss preset fixes (the rows),
 # the split (its own column key) and keys that do not change what a run computes.
 SEED_KEYS = ("trainer/seed",)
-ROW_KEYS = ("loss/preset", "loss/method", "loss/proj", "loss/context", "loss/cl", "loss/dir", "loss/ns", "loss/pf")
+ROW_KEYS = ("loss/preset", "loss/method", "loss/proj", "loss/context", "loss/cl", "loss/dir", "loss/ns", "loss/pf",
+            "loss/weak", "dataset/image_labels")
 SPLIT_KEYS = ("split/name", "split/fraction")
 IGNORED_PREFIXES = (
     "task", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
@@ -82,6 +83,14 @@ TABLE2 = {
     },
 }
 
+# Table 5: Pascal VOC classic protocol (1,464 pixel-labeled, 9,118 unlabeled = split "full"), "Semi" = the full
+# method (ablation_viii), "Weakly" = with image-level labels (the weakly preset). Head: DeepLabv3+ (see
+# conf/experiment/voc_table5_*.yaml).
+TABLE5 = {
+    "resnet50": {"ablation_viii": 74.5, "weakly": 76.1},
+    "vgg16": {"ablation_viii": 68.7, "weakly": 69.3},
+}
+
 
 def paper_dataset(name: str) -> str | None:
     """Map a dataset tag to the paper's dataset (``voc``, ``cityscapes``) or None."""
@@ -94,18 +103,22 @@ def paper_dataset(name: str) -> str | None:
 
 
 def paper_miou(dataset: str, segnet: str, backbone: str, preset: str, split: str, *, ablation: bool,
-               force: bool = False) -> float | None:
+               force: bool = False, protocol: str = "aug") -> float | None:
     """The paper's mIoU for this setting, or None when no table of the paper has it.
 
     ``ablation``: the report is an ablation table (presets beyond SupOnly and the full method), so at
     Table 3's setting its numbers are used (its SupOnly, 64.7, differs from Table 1's 68.3).
     ``force``: compare with Table 3 / Table 1 (VOC, DeepLabv3+ ResNet-50) whatever the run's setting.
+    ``protocol``: VOC's ``dataset.protocol``; classic at split full with DeepLabv3+ is Table 5's setting.
     """
     if force:
         dataset, segnet, backbone = "voc", "deeplabv3plus", "resnet50"
     ds = paper_dataset(dataset)
     if ds is None:
         return None
+    if ds == "voc" and protocol == "classic" and split == "full" and segnet == "deeplabv3plus" and \
+            preset in ("ablation_viii", "weakly"):
+        return TABLE5.get(backbone, {}).get(preset)
     if ds == "voc" and (ablation or preset not in ("suponly", "ablation_viii")) and \
             (ds, segnet, backbone, split) == TABLE3_SETTING:
         return TABLE3.get(preset)
@@ -130,6 +143,7 @@ class Record:
     backbone: str
     split: str
     start_time: int
+    protocol: str = "aug"  # dataset.protocol (VOC)
 
 
 @dataclass
@@ -258,6 +272,7 @@ def records_from_runs(runs: Iterable[Any], by: Sequence[str] | None = None) -> t
             run_id=r.info.run_id, row=tags["loss"], col=col, seed=tags.get("seed", p.get("trainer/seed", "?")),
             best=best, last=last, dataset=tags.get("dataset", "?"), segnet=tags.get("segnet", "?"),
             backbone=tags.get("backbone", "?"), split=split, start_time=int(r.info.start_time or 0),
+            protocol=p.get("dataset/protocol", "aug"),
         )
         key = (rec.row, rec.col, rec.seed)
         if key not in latest or latest[key].start_time < rec.start_time:
@@ -277,16 +292,16 @@ def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = 
         groups.setdefault((rec.row, rec.col), []).append(rec)
     rows = sorted({r.row for r in records}, key=_row_key)
     cols = sorted({r.col for r in records}, key=_col_key)
-    ablation = any(r not in ("suponly", "ablation_viii") for r in rows)
+    ablation = any(r not in ("suponly", "ablation_viii", "weakly") for r in rows)
     cells = []
     for (row, col), recs in groups.items():
         cell = Cell(row=row, col=col, best=[100 * r.best for r in recs], last=[100 * r.last for r in recs],
                     seeds=[r.seed for r in recs])
-        settings = {(r.dataset, r.segnet, r.backbone, r.split) for r in recs}
+        settings = {(r.dataset, r.segnet, r.backbone, r.split, r.protocol) for r in recs}
         if paper != "never" and len(settings) == 1:
-            (dataset, segnet, backbone, split), = settings
+            (dataset, segnet, backbone, split, protocol), = settings
             cell.paper = paper_miou(dataset, segnet, backbone, row, split, ablation=ablation,
-                                    force=paper == "always")
+                                    force=paper == "always", protocol=protocol)
         cells.append(cell)
     cells.sort(key=lambda c: (_row_key(c.row), _col_key(c.col)))
     label = "paper" if paper != "always" else "paper (VOC, DeepLabv3+ R50)"

@@ -13,7 +13,8 @@ from dcc.app import summary
 from dcc.config import validate
 from tests.conftest import ROOT, compose_cfg
 
-PRESETS = ["voc_deeplabv3plus_r50", "voc_deeplabv3plus_r101", "voc_pspnet_r50", "cityscapes_deeplabv3plus_r50"]
+PRESETS = ["voc_deeplabv3plus_r50", "voc_deeplabv3plus_r101", "voc_pspnet_r50", "cityscapes_deeplabv3plus_r50",
+           "voc_table5_r50_semi", "voc_table5_r50_weakly", "voc_table5_vgg16_semi", "voc_table5_vgg16_weakly"]
 
 
 def conv(cin: int, cout: int, k: int = 1, bias: bool = False) -> int:
@@ -41,10 +42,16 @@ def resnet(blocks: list[int], deep_stem: bool = False) -> int:
     return total
 
 
-def deeplabv3plus_head() -> int:
-    aspp = conv(2048, 256) + bn(256) + 3 * (conv(2048, 256, 3) + bn(256)) + conv(2048, 256) + bn(256)  # + pooling
+def vgg16() -> int:
+    """The 13 biased 3x3 convolutions of VGG-16 (no fully connected layers)."""
+    widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    return sum(conv(cin, cout, 3, bias=True) for cin, cout in zip([3] + widths[:-1], widths))
+
+
+def deeplabv3plus_head(high: int = 2048, low: int = 256) -> int:
+    aspp = conv(high, 256) + bn(256) + 3 * (conv(high, 256, 3) + bn(256)) + conv(high, 256) + bn(256)  # + pooling
     aspp += conv(5 * 256, 256) + bn(256)
-    decoder = conv(256, 48) + bn(48) + conv(304, 256, 3) + bn(256) + conv(256, 256, 3) + bn(256)
+    decoder = conv(low, 48) + bn(48) + conv(304, 256, 3) + bn(256) + conv(256, 256, 3) + bn(256)
     return aspp + decoder
 
 
@@ -62,12 +69,20 @@ EXPECTED = {  # (backbone, head + classifier + projector)
     "voc_deeplabv3plus_r101": (resnet(R101), deeplabv3plus_head() + conv(256, 21, bias=True) + projector(256)),
     "voc_pspnet_r50": (resnet(R50, deep_stem=True), psp_head() + conv(512, 21, bias=True) + projector(512)),
     "cityscapes_deeplabv3plus_r50": (resnet(R50), deeplabv3plus_head() + conv(256, 19, bias=True) + projector(256)),
+    "voc_table5_r50_semi": (resnet(R50), deeplabv3plus_head() + conv(256, 21, bias=True) + projector(256)),
+    # + C_w: a linear layer from the pooled 256-d features to the 20 foreground classes
+    "voc_table5_r50_weakly": (resnet(R50), deeplabv3plus_head() + conv(256, 21, bias=True) + projector(256) + 256 * 20 + 20),
+    "voc_table5_vgg16_semi": (vgg16(), deeplabv3plus_head(512, 256) + conv(256, 21, bias=True) + projector(256)),
+    "voc_table5_vgg16_weakly": (vgg16(), deeplabv3plus_head(512, 256) + conv(256, 21, bias=True) + projector(256)
+                                + 256 * 20 + 20),
 }
 
 
 def test_hand_count_of_the_plain_resnets_matches_the_published_sizes():
-    # torchvision: resnet50 25,557,032 and resnet101 44,549,160 parameters, of which the fc layer is 2,049,000
+    # torchvision: resnet50 25,557,032 and resnet101 44,549,160 parameters, of which the fc layer is 2,049,000;
+    # vgg16 138,357,544, of which the three fully connected layers are 123,642,856
     assert resnet(R50) == 25_557_032 - 2_049_000 and resnet(R101) == 44_549_160 - 2_049_000
+    assert vgg16() == 138_357_544 - 123_642_856
 
 
 def test_every_preset_is_listed():
@@ -104,6 +119,17 @@ SPECIFIC = {
     "voc_pspnet_r50": {"optim.lr": 0.01, "dataset.crop_size": 320, "segnet.output_stride": 8, "segnet.name": "pspnet",
                        "dataset.protocol": "classic", "split.name": "full", "segnet.bins": [1, 2, 3, 6],
                        "backbone.kwargs": {"stem_type": "deep", "stem_width": 64}},
+    "voc_table5_r50_semi": {"dataset.protocol": "classic", "split.name": "full", "backbone.name": "resnet50",
+                            "segnet.name": "deeplabv3plus", "segnet.output_stride": 16, "loss.weak": False,
+                            "dataset.image_labels": False},
+    "voc_table5_r50_weakly": {"dataset.protocol": "classic", "split.name": "full", "backbone.name": "resnet50",
+                              "loss.preset": "weakly", "loss.weak": True, "loss.weak_weight": 0.4,
+                              "dataset.image_labels": True, "dataset.image_label_source": "masks"},
+    "voc_table5_vgg16_semi": {"dataset.protocol": "classic", "split.name": "full", "backbone.name": "vgg16",
+                              "segnet.output_stride": 8, "segnet.aspp_rates": [12, 24, 36], "loss.weak": False},
+    "voc_table5_vgg16_weakly": {"dataset.protocol": "classic", "split.name": "full", "backbone.name": "vgg16",
+                                "segnet.output_stride": 8, "loss.preset": "weakly", "loss.weak": True,
+                                "dataset.image_labels": True},
     "cityscapes_deeplabv3plus_r50": {"optim.lr": 0.1, "dataset.crop_size": 720, "dataset.base_size": 2048,
                                      "dataset.color_jitter_p": 1.0, "loss.selected_num": 16200, "loss.bank_steps": 0,
                                      "dataset.num_classes": 19},
