@@ -58,7 +58,8 @@ def summary(cfg: DictConfig) -> str:
     from dcc.models import build_model
 
     counts = build_model(cfg).param_counts()
-    return f"params: total={counts['total']} backbone={counts['backbone']} projector={counts['projector']}"
+    text = f"params: total={counts['total']} backbone={counts['backbone']} projector={counts['projector']}"
+    return text + (f" weak_classifier={counts['weak_classifier']}" if counts["weak_classifier"] else "")
 
 
 def _tags(cfg: DictConfig, launch_dir: Path) -> dict[str, str]:

@@ -97,6 +97,7 @@ def test_summary_reports_the_authors_parameter_counts(preset):
     counts = dict(item.split("=") for item in summary(cfg).removeprefix("params: ").split())
     assert int(counts["backbone"]) == backbone
     assert int(counts["total"]) == backbone + rest
+    assert int(counts.get("weak_classifier", 0)) == (256 * 20 + 20 if preset.endswith("weakly") else 0)
 
 
 COMMON = {
