@@ -3,8 +3,9 @@
 Configured like hydra-optuna-sweeper (``hydra.sweeper``: ``sampler``, ``direction``, ``storage``,
 ``study_name``, ``n_trials``, ``n_jobs``, ``params`` in Hydra's sweep syntax: ``choice(...)``,
 ``range(...)``, ``interval(...)``, ``tag(log, interval(...))``) and launching trials through whichever
-``hydra/launcher`` is selected, ``n_jobs`` at a time, but independent of that plugin: it uses only
-Optuna's public ``suggest_*`` / ask-and-tell API, so it runs with Optuna 2.10 as with 3.x and 4.x.
+``hydra/launcher`` is selected, ``n_jobs`` at a time, but independent of that plugin (which pins
+Optuna 2): it uses Optuna's ``create_study`` / ``ask`` / ``suggest_*`` / ``tell`` API (Optuna 3.6 to 5.x,
+``pyproject.toml``), any storage URL Optuna takes (``sqlite:///optuna.db``, ``postgresql://...``).
 
 * ``n_trials`` is the size of the whole study: running the same command again continues the study in
   its storage and runs only the trials still missing (raise ``n_trials`` to search further).
@@ -184,30 +185,32 @@ class StudySweeper(Sweeper):
                  len(live), to_ask, n_total)
 
         while orphans or to_ask > 0:
-            batch: list[tuple[int, int, dict[str, Any]]] = []  # (number, trial id, params)
+            batch: list[tuple[optuna.Trial, dict[str, Any]]] = []  # (running trial, its params)
             while orphans and len(batch) < self.n_jobs:
                 t = orphans.pop(0)
-                optuna.trial.Trial(study, t._trial_id).set_user_attr(OWNER_ATTR, _owner())
-                batch.append((t.number, t._trial_id, dict(t.params)))
+                # the RUNNING trial of the interrupted search, taken over with its parameters
+                trial = optuna.Trial(study, t._trial_id)
+                trial.set_user_attr(OWNER_ATTR, _owner())
+                batch.append((trial, dict(t.params)))
             while to_ask > 0 and len(batch) < self.n_jobs:
                 trial = study.ask()
                 values = {name: p.suggest(trial, name) for name, p in space.items()}
                 trial.set_user_attr(OWNER_ATTR, _owner())
-                batch.append((trial.number, trial._trial_id, values))
+                batch.append((trial, values))
                 to_ask -= 1
-            overrides = [tuple(_override(k, v) for k, v in {**params, **fixed}.items()) for _, _, params in batch]
+            overrides = [tuple(_override(k, v) for k, v in {**params, **fixed}.items()) for _, params in batch]
             try:
                 returns: Sequence[Any] = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             except Exception as exc:  # noqa: BLE001 - e.g. a SLURM job killed outright: fail its batch, go on
-                log.error("launching trials %s failed: %s", [n for n, _, _ in batch], exc)
+                log.error("launching trials %s failed: %s", [t.number for t, _ in batch], exc)
                 returns = [exc] * len(batch)
             self.job_idx += len(batch)
-            for (number, trial_id, _), ret in zip(batch, returns):
-                self._record(study, number, trial_id, ret, len(directions))
+            for (trial, _), ret in zip(batch, returns):
+                self._record(study, trial, ret, len(directions))
 
         self._save_results(study, fixed)
 
-    def _record(self, study: optuna.Study, number: int, trial_id: int, ret: Any, n_objectives: int) -> None:
+    def _record(self, study: optuna.Study, trial: optuna.Trial, ret: Any, n_objectives: int) -> None:
         try:
             if isinstance(ret, BaseException):
                 raise ret
@@ -217,20 +220,21 @@ class StudySweeper(Sweeper):
                 raise ValueError(f"the job returned {raw!r}, not {n_objectives} finite value(s)")
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"
-            trial = optuna.trial.Trial(study, trial_id)
             trial.set_user_attr("error", error[:2000])
             trial.set_user_attr("traceback", "".join(traceback.format_exception(exc))[-4000:])
-            self._tell(study, number, None, TrialState.FAIL)
-            log.warning("trial %d failed (recorded as FAIL, the search goes on): %s", number, error)
+            self._tell(study, trial, None, TrialState.FAIL)
+            log.warning("trial %d failed (recorded as FAIL, the search goes on): %s", trial.number, error)
             return
-        self._tell(study, number, values, TrialState.COMPLETE)
-        log.info("trial %d: %s", number, values if n_objectives > 1 else values[0])
+        self._tell(study, trial, values, TrialState.COMPLETE)
+        log.info("trial %d: %s", trial.number, values if n_objectives > 1 else values[0])
 
     @staticmethod
-    def _tell(study: optuna.Study, number: int, values: list[float] | None, state: TrialState) -> None:
+    def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
         try:
-            study.tell(number, values=values, state=state)
-        except RuntimeError as exc:  # Optuna 2's GridSampler stops the study when the grid is exhausted
+            study.tell(trial, values=values, state=state)
+        except RuntimeError as exc:
+            # GridSampler.after_trial calls study.stop() once the grid is covered, which raises outside
+            # study.optimize (Optuna 3.6-5.x); the trial's state and values are stored before that.
             if "Study.stop" not in str(exc):
                 raise
 

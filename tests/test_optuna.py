@@ -95,3 +95,79 @@ def test_a_failing_trial_is_recorded_with_its_error_and_the_search_goes_on(tiny_
     assert results["best_params"]["loss.pos_threshold"] == 0.5  # the other two keys are still searched
     assert results["n_failed"] == sum(t.state == TrialState.FAIL for t in trials)
     assert "failed (recorded as FAIL, the search goes on)" in proc.stdout + proc.stderr
+
+
+# The sweeper itself, with a launcher that calls a function in-process: seconds, no training.
+
+
+class _Ret:
+    def __init__(self, fn, overrides):
+        self.fn, self.overrides = fn, overrides
+
+    @property
+    def return_value(self):  # like hydra's JobReturn: raises the job's exception
+        return self.fn(dict(o.split("=", 1) for o in self.overrides))
+
+
+class _Launcher:
+    def __init__(self, fn):
+        self.fn, self.launched = fn, []
+
+    def launch(self, overrides, initial_job_idx):
+        self.launched += [dict(o.split("=", 1) for o in ov) for ov in overrides]
+        return [_Ret(self.fn, ov) for ov in overrides]
+
+
+def _sweeper(tmp_path, fn, **kwargs):
+    from omegaconf import OmegaConf
+
+    from dcc.optuna_sweeper import StudySweeper
+
+    sweeper = StudySweeper(storage=f"sqlite:///{tmp_path / 'optuna.db'}", **kwargs)
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
+    sweeper.launcher = _Launcher(fn)
+    return sweeper
+
+
+def test_grid_study_stops_at_the_grid_and_records_a_failing_job(tmp_path):
+    import functools
+
+    def job(ov):
+        if ov["a"] == "2" and ov["b"] == "1":
+            raise ValueError("bad cell")
+        return float(ov["a"]) + float(ov["b"])
+
+    sweeper = _sweeper(tmp_path, job, sampler=functools.partial(optuna.samplers.GridSampler), direction="maximize",
+                       study_name="g", n_trials=10, n_jobs=4, params={"a": "choice(1,2,3)", "b": "range(0,2)"})
+    sweeper.sweep(["x=7"])
+    trials = _study(tmp_path, "g").trials
+    assert sorted((t.params["a"], t.params["b"]) for t in trials) == [(a, b) for a in (1, 2, 3) for b in (0, 1)]
+    (failed,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed.params == {"a": 2, "b": 1} and "bad cell" in failed.user_attrs["error"]
+    assert all(ov["x"] == "7" for ov in sweeper.launcher.launched)
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert results["best_params"] == {"a": 3, "b": 1} and results["n_failed"] == 1 and results["n_trials"] == 6
+
+
+def test_interrupted_study_reruns_its_running_trial_with_the_same_params(tmp_path):
+    def interrupted(ov):
+        if len(sweeper.launcher.launched) > 2:
+            raise KeyboardInterrupt
+        return float(ov["w"])
+
+    params = {"w": "tag(log, interval(0.01, 10.0))", "n": "range(1, 5)"}
+    sweeper = _sweeper(tmp_path, interrupted, sampler=optuna.samplers.TPESampler(seed=0), study_name="i",
+                       n_trials=5, n_jobs=2, params=params)
+    with pytest.raises(KeyboardInterrupt):
+        sweeper.sweep([])
+    study = _study(tmp_path, "i")
+    assert _states(study) == ["COMPLETE", "COMPLETE", "RUNNING", "RUNNING"]
+    running = {t.number: t.params for t in study.trials if t.state == TrialState.RUNNING}
+
+    again = _sweeper(tmp_path, lambda ov: float(ov["w"]), sampler=optuna.samplers.TPESampler(seed=0),
+                     study_name="i", n_trials=5, n_jobs=2, params=params)
+    again.sweep([])
+    study = _study(tmp_path, "i")
+    assert _states(study) == ["COMPLETE"] * 5
+    assert all(study.trials[n].params == p for n, p in running.items())
+    assert all(0.01 <= t.params["w"] <= 10 and t.params["n"] in (1, 2, 3, 4) for t in study.trials)
