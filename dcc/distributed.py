@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -142,6 +143,8 @@ def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, po
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(world)})
     if local_rank == 0:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    else:  # rank 0 prints what one process would print; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     out = fn(*args)
     if local_rank == 0:
         results.put(out)

@@ -180,7 +180,7 @@ def fit(
     unl = None
     start_u = cfg.loss.start_step
     meter = _Meter()
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress, desc=f"{prefix}train", mininterval=2.0,
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress or not ddp.is_main(), desc=f"{prefix}train", mininterval=2.0,
                dynamic_ncols=True)
     model.train()
     guard = PreemptionGuard().__enter__()
