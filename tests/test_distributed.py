@@ -89,7 +89,8 @@ def _step_overrides(tiny_overrides: list[str], loss: str) -> list[str]:
 
 @pytest.mark.parametrize("loss", ["suponly", "ablation_viii"])
 def test_two_processes_with_half_batches_take_the_single_process_step(tiny_overrides, tmp_path, loss):
-    """Supervised step and CAC step (directional contrastive loss, negative bank gathered over ranks).
+    """Supervised step and CAC step (directional contrastive loss with positive filtering, the negative bank
+    gathered over ranks; negative sampling off, see below).
 
     BN is controlled by freezing it (``_FrozenBN``: running statistics, affine trained) in both runs, since
     SyncBatchNorm refuses CPU tensors (see ``test_syncbatchnorm_refuses_cpu``); dropout is off and every
@@ -98,6 +99,8 @@ def test_two_processes_with_half_batches_take_the_single_process_step(tiny_overr
     would not.
     """
     over = _step_overrides(tiny_overrides, loss)
+    if loss != "suponly":  # after PRE steps every pseudo-label is background: negative sampling would leave no
+        over += ["loss.ns=false", "loss.pos_threshold=0.3"]  # negative (loss 0); a low gamma keeps anchors
     single, double = compose_cfg(over), compose_cfg(over + ["trainer.devices=2"])
     batch = next(iter(labeled_loader(single, build_data(single).train, build_data(single).labeled, start_step=0,
                                      device=torch.device("cpu"))))[1]
@@ -180,6 +183,7 @@ def test_slurm_preset_takes_tasks_and_gpus_from_trainer_devices():
     assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (4, 4, 2)
 
 
+@pytest.mark.slow
 def test_local_run_with_two_processes_makes_one_mlflow_run(tiny_overrides, tmp_path):
     """``run.py trainer.devices=2 trainer.device=cpu``: the processes are spawned by run.py itself, rank 0
     alone logs to MLflow and writes the checkpoint."""
