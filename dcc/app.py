@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dcc import distributed as ddp
 from dcc.config import Method, validate
 from dcc.preemption import requeued
-from dcc.tracking import flatten, git_commit, make_tracker
+from dcc.tracking import NullTracker, flatten, git_commit, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,10 @@ VOLATILE_KEYS = (
     "task", "predict", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
     "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
     "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
+    # The number of processes does not change what is computed, by design: the total batch, the data stream
+    # and its augmentation, the loss normalisation and the negative bank are those of one process (see
+    # dcc/distributed.py), so a run may resume on another number of GPUs from the same directory.
+    "trainer/devices", "trainer/nodes", "trainer/dist_backend",
 )
 
 
@@ -84,18 +89,30 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
         run_predict(cfg, launch_dir)
         return 0.0
 
+    from dcc.train import resolve_device
+
+    if ddp.requested(cfg) > 1 and not ddp.launched():
+        if cfg.trainer.nodes > 1:
+            raise ValueError(f"trainer.nodes={cfg.trainer.nodes} needs a launcher that starts the processes on every "
+                             "machine: hydra/launcher=slurm, or torchrun on each node")
+        # One machine, no launcher: start trainer.devices processes, each of which runs this function.
+        return ddp.spawn(run, cfg, launch_dir, nprocs=cfg.trainer.devices)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    with ddp.process_group(cfg, resolve_device) as device:
+        return _train(cfg, launch_dir, device)
+
+
+def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
     from dcc.data.build import build_data
     from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
     from dcc.selftrain import self_train
-    from dcc.train import fit, resolve_device
+    from dcc.train import fit
 
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    device = resolve_device(cfg.trainer.device)
     run_dir = run_dir_for(cfg, launch_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = build_data(cfg)  # fails on missing/unreadable data before an MLflow run is created
-    tracker = make_tracker(cfg, launch_dir)
+    tracker = make_tracker(cfg, launch_dir) if ddp.is_main() else NullTracker()  # only rank 0 talks to MLflow
     id_file = run_dir / "mlflow_run_id"
     if requeued() and not cfg.trainer.resume:
         log.info("SLURM requeued this job: resuming from its last checkpoint")
@@ -128,6 +145,8 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
+    if not ddp.is_main():
+        return float(result.final_miou)
     print(f"final val mIoU: {result.final_miou:.4f} (best {result.best_miou:.4f}) after {result.steps} steps", flush=True)
     print(tracker.describe(), flush=True)
     print(f"run directory: {run_dir}", flush=True)

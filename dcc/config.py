@@ -65,6 +65,12 @@ class Precision(Choice):
     fp16 = "fp16"
 
 
+class DistBackend(Choice):
+    auto = "auto"  # nccl on GPUs, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
 class Task(Choice):
     train = "train"
     summary = "summary"
@@ -204,8 +210,8 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 92560
-    batch_size: int = 8  # labeled images per step (total over devices)
-    unlabeled_batch_size: int = 8  # unlabeled pairs per step
+    batch_size: int = 8  # labeled images per step (total over devices: each of N processes takes 1/N)
+    unlabeled_batch_size: int = 8  # unlabeled pairs per step (total over devices)
     num_workers: int = 2
     eval_every: int = 1157
     eval_batch_size: int = 1
@@ -213,7 +219,10 @@ class TrainerConfig:
     checkpoint_every: int = 1157
     resume: bool = False
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under several processes: cuda:LOCAL_RANK)
+    devices: int = 1  # processes (GPUs) per machine; > 1: data-parallel training, see dcc/distributed.py
+    nodes: int = 1  # machines (a launcher must start the processes on each: hydra/launcher=slurm, torchrun)
+    dist_backend: DistBackend = DistBackend.auto  # torch.distributed backend: auto (nccl on GPUs, gloo on CPU)
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the backbone and the head
@@ -302,6 +311,16 @@ def validate(cfg: Any) -> None:
     _check(cfg.trainer.batch_size > 0, f"trainer.batch_size must be > 0, got {cfg.trainer.batch_size}")
     for key in ("eval_every", "log_every", "checkpoint_every"):
         _check(cfg.trainer[key] > 0, f"trainer.{key} must be > 0, got {cfg.trainer[key]}")
+    for key in ("devices", "nodes"):
+        _check(cfg.trainer[key] >= 1, f"trainer.{key} must be >= 1, got {cfg.trainer[key]}")
+    procs = cfg.trainer.devices * cfg.trainer.nodes
+    batches = ("batch_size",) if method is Method.suponly else ("batch_size", "unlabeled_batch_size")
+    for key in batches:
+        _check(
+            cfg.trainer[key] % procs == 0,
+            f"trainer.{key}={cfg.trainer[key]} is the total over all processes and must be divisible by "
+            f"trainer.devices x trainer.nodes = {procs} (each process takes an equal share)",
+        )
     ds = cfg.dataset
     dataset = DatasetName[str(getattr(ds.name, "name", ds.name))]
     protocol = VocProtocol[str(getattr(ds.protocol, "name", ds.protocol))]

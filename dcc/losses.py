@@ -13,7 +13,10 @@ Eq. (1): per direction ``l(a -> p) = -1/|M| sum_i M_i log( r(a_i, p_i) / (r(a_i,
 We compute ``-log(.)`` as ``logsumexp([s_ip, s_in ...]) - s_ip`` with ``s = a . b / tau``, which is
 exact and stable in float32 even at ``tau = 0.05`` with tens of thousands of negatives. Following the
 authors' code, the normaliser ``|M|`` is the number of pixels that pass the mask in the whole batch
-(not N, not per image); an empty mask gives an exact zero.
+(not N, not per image); an empty mask gives an exact zero. Under torch.distributed "the whole batch"
+is the global one: ``|M|`` is summed over ranks and the loss scaled by the world size
+(``dcc.distributed.global_mean``), so that averaging gradients over ranks gives the gradient of the
+single-process loss.
 Eq. (2): directional mask ``M_d = 1{conf_a < conf_p}``; with it the positive is detached, so
 ``l(1 -> 2)`` only back-propagates to ``phi_o1`` (``directional=True``). Without it (ablation row V,
 the "vanilla" contrastive loss) the mask is all ones and gradients reach both views.
@@ -45,9 +48,25 @@ see ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["directional_contrastive_loss", "l2_alignment_loss", "weak_classification_loss"]
+from dcc.distributed import global_mean, world_size
+
+__all__ = ["cross_entropy", "directional_contrastive_loss", "l2_alignment_loss", "weak_classification_loss"]
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Supervised loss: mean cross-entropy over the pixels that are not ``ignore_index``.
+
+    Under torch.distributed, the mean over those pixels of the global batch (their count summed over
+    ranks, see ``dcc.distributed.global_mean``): ranks hold different numbers of valid pixels, so the
+    mean of per-rank means would not be the single-process loss.
+    """
+    if world_size() == 1:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return global_mean(total, (target != ignore_index).sum())
 
 
 def _anchor_mask(
@@ -250,19 +269,21 @@ def directional_contrastive_loss(
         negative_sampling=negative_sampling,
         chunk_size=chunk_size,
     )
-    # Per-direction mean over the masked pixels; an empty direction sums to an exact,
+    # Per-direction mean over the masked pixels (of every rank); an empty direction sums to an exact,
     # still-connected 0.
-    return per_anchor[:k12].sum() / max(k12, 1) + per_anchor[k12:].sum() / max(k21, 1)
+    totals = torch.stack([per_anchor[:k12].sum(), per_anchor[k12:].sum()])
+    return global_mean(totals, [k12, k21], min_count=1).sum()
 
 
 def l2_alignment_loss(feat1: Tensor, feat2: Tensor) -> Tensor:
     """Ablation row I of Table 3: align positive pairs with an L2 loss instead of Eq. (1).
 
     Returns the mean over the N overlap pixels of ``||feat1_i - feat2_i||^2``, with gradients to
-    both views; exact 0 (connected to both inputs) when N == 0.
+    both views; exact 0 (connected to both inputs) when N == 0. Under torch.distributed N is summed over
+    ranks (see ``dcc.distributed.global_mean``).
     """
     sq = (feat1 - feat2).pow(2).sum(dim=1)  # [N]
-    return sq.sum() / max(sq.numel(), 1)
+    return global_mean(sq.sum(), sq.numel(), min_count=1)
 
 
 def weak_classification_loss(logits1: Tensor, logits2: Tensor, targets: Tensor) -> Tensor:
@@ -270,8 +291,10 @@ def weak_classification_loss(logits1: Tensor, logits2: Tensor, targets: Tensor) 
 
     logits1, logits2: ``C_w`` of the two views, ``[B, K]`` over the K foreground classes;
     targets: ``y_p``, ``[B, K]`` in {0, 1}. "CE" is the multi-label form: binary cross-entropy with
-    logits per class, mean over the B x K entries (see the module docstring for why).
+    logits per class, mean over the B x K entries (see the module docstring for why). Every rank holds
+    the same number of entries, so under torch.distributed the average of the ranks' gradients is
+    already the gradient of the global mean.
     """
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
     targets = targets.to(logits1.dtype)
-    return 0.5 * (bce(logits1, targets) + bce(logits2, targets))
+    return 0.5 * (F.binary_cross_entropy_with_logits(logits1, targets)
+                  + F.binary_cross_entropy_with_logits(logits2, targets))

@@ -15,14 +15,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dcc import checkpoint as ckpt
+from dcc import distributed as ddp
 from dcc.config import Method, Precision
 from dcc.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
 from dcc.evaluate import eval_options, evaluate
+from dcc.losses import cross_entropy
 from dcc.models import Segmentor, build_model
 from dcc.optim import build_optimizer, poly_scheduler
 from dcc.preemption import PreemptionGuard
@@ -80,8 +81,11 @@ class _Meter:
 
     def flush(self) -> dict[str, float]:
         out = {}
-        for name, vals in self.values.items():
-            stacked = torch.stack(vals).cpu()
+        names = list(self.values)
+        # one transfer for all terms; under several processes one all_reduce: the mean over ranks
+        flat = torch.cat([torch.stack(self.values[n]) for n in names]) if names else torch.zeros(0)
+        per_name = ddp.mean_over_ranks(flat).cpu().split([len(self.values[n]) for n in names])
+        for name, vals, stacked in zip(names, self.values.values(), per_name):
             bad = ~torch.isfinite(stacked)
             if bool(bad.any()):
                 first = self.steps[-len(vals):][int(bad.nonzero()[0, 0])]
@@ -93,6 +97,17 @@ class _Meter:
         self.values.clear()
         self.steps.clear()
         return out
+
+
+def _restore_rng(state: dict[str, Any], seed: int) -> None:
+    """This rank's RNG state from a checkpoint; one written by another number of processes gives rank 0's
+    state, then distinct streams per rank."""
+    states = state.get("rng_ranks") or [state["rng"]]
+    if len(states) == ddp.world_size():
+        ckpt.set_rng_state(states[ddp.rank()])
+    else:
+        ckpt.set_rng_state(state["rng"])
+        ddp.seed_rank(seed + state["step"])
 
 
 def fit(
@@ -121,6 +136,8 @@ def fit(
     model = build_model(cfg).to(device)
     if method is not Method.cac and model.projector is not None:
         model.projector = None
+    model = ddp.sync_batchnorm(model, device)  # several processes on GPUs: BN statistics over the whole batch
+    ddp.seed_rank(tc.seed)  # same initial weights on every rank, then distinct dropout / sampling streams
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if tc.compile:  # in place, so state-dict keys stay those of the eager model
@@ -144,12 +161,13 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         if branch is not None and state.get("bank") is not None:
             branch.bank.load_state_dict(state["bank"], device)
-        ckpt.set_rng_state(state["rng"])
+        _restore_rng(state, tc.seed)
         step, best, history = state["step"], state["best_miou"], state["history"]
         final = state.get("final", {})
         log.info("%sresumed from %s at step %d", prefix, last, step)
-    elif last.exists():
+    elif last.exists() and ddp.is_main():
         last.unlink()
+    ddp.broadcast_module(model)
 
     ignore = cfg.dataset.ignore_index
     val = eval_loader(cfg, data.val, device)
@@ -162,21 +180,25 @@ def fit(
     unl = None
     start_u = cfg.loss.start_step
     meter = _Meter()
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress, desc=f"{prefix}train", mininterval=2.0,
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress or not ddp.is_main(), desc=f"{prefix}train", mininterval=2.0,
                dynamic_ncols=True)
     model.train()
     guard = PreemptionGuard().__enter__()
 
     def save(finished: bool = False) -> None:
-        ckpt.save_atomic(
-            {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "bank": branch.bank.state_dict() if branch is not None else None,
-                "rng": ckpt.rng_state(), "step": step, "best_miou": best, "history": history,
-                "final": final, "finished": finished,
-            },
-            last,
-        )
+        ddp.average_buffers(model)
+        rngs = ddp.gather_objects(ckpt.rng_state())  # every rank's stream, so that each resumes its own
+        if ddp.is_main():
+            ckpt.save_atomic(
+                {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "bank": branch.bank.state_dict() if branch is not None else None,
+                    "rng": rngs[0], "rng_ranks": rngs if len(rngs) > 1 else None, "step": step, "best_miou": best,
+                    "history": history, "final": final, "finished": finished,
+                },
+                last,
+            )
+        ddp.barrier()  # no rank goes on (or exits on a signal) before the checkpoint is written
 
     try:
         while step < tc.max_steps:
@@ -186,7 +208,7 @@ def fit(
                 xp, yp = next(extra)
                 x, y = torch.cat([x, xp.to(device)]), torch.cat([y, yp.to(device)])
             with autocast() if autocast else contextlib.nullcontext():
-                terms = {"loss_ce": F.cross_entropy(model(x).float(), y, ignore_index=ignore)}
+                terms = {"loss_ce": cross_entropy(model(x).float(), y, ignore)}
                 total = terms["loss_ce"]
                 if branch is not None and step >= start_u:
                     if unl is None:
@@ -200,6 +222,7 @@ def fit(
             terms["loss"] = total
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
+            ddp.average_gradients(model)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -209,6 +232,8 @@ def fit(
 
             is_last = step == tc.max_steps
             stop = guard.requested  # preemption / time limit: log and checkpoint now, then let the launcher requeue
+            if ddp.world_size() > 1:  # every rank must stop at the same step: agreed at log intervals
+                stop = step % tc.log_every == 0 and ddp.any_rank(stop, device)
             if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last or stop:
                 scalars = meter.flush()  # raises on a non-finite loss before anything is saved
                 if scalars:
@@ -216,6 +241,7 @@ def fit(
                     tracker.log_metrics({f"{prefix}train/{k}": v for k, v in scalars.items()}, step)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
             if step % tc.eval_every == 0 or is_last:
+                ddp.average_buffers(model)
                 res = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast, **eval_options(cfg),
                                keep=tc.num_vis if is_last else 0)
                 best = max(best, res["miou"])
@@ -239,6 +265,7 @@ def fit(
     bar.close()
 
     if not final:  # resumed from a finished checkpoint
+        ddp.average_buffers(model)
         final = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast, **eval_options(cfg),
                          keep=tc.num_vis)
     names = class_names or list(cfg.dataset.class_names) or [str(i) for i in range(cfg.dataset.num_classes)]
@@ -247,7 +274,7 @@ def fit(
         | {f"{prefix}val/final_miou": final["miou"], f"{prefix}val/best_miou": best},
         step,
     )
-    if final.get("samples"):
+    if final.get("samples") and ddp.is_main():
         grid = save_prediction_grid(final["samples"], list(cfg.dataset.mean), list(cfg.dataset.std),
                                     state_dir / "predictions.png")
         tracker.log_artifact(grid, f"{prefix}predictions".rstrip("/"))

@@ -2,11 +2,15 @@
 
 Every sample's augmentation is seeded from (run seed, position in the sample stream), so a run that
 is killed and resumed at step s draws exactly the batches an uninterrupted run draws from step s on.
+Under several processes, rank r of W takes positions ``[s*B + r*B/W, s*B + (r+1)*B/W)`` of step s
+(B: the configured total batch), so the ranks' samples of a step are exactly one process's batch,
+with the same augmentation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dcc import distributed as ddp
 from dcc.config import DatasetName, VocProtocol
 from dcc.data.datasets import ArraySource, LabeledDataset, UnlabeledPairDataset
 from dcc.data.digits import load_digit_scenes
@@ -95,21 +100,33 @@ class StepSampler(Sampler):
     """Endless stream of ``(key, index)``: a fresh permutation per epoch, ``key`` seeds the sample's augmentation.
 
     Starting at ``start`` (a sample position, i.e. step x batch size) reproduces the stream exactly.
+    With ``part=(r, W)`` it yields only rank r's share of each step of ``batch`` positions: positions
+    ``step * batch + r * batch / W + i`` for ``i < batch / W``.
     """
 
-    def __init__(self, num_items: int, *, seed: int, stream: str, start: int = 0) -> None:
+    def __init__(self, num_items: int, *, seed: int, stream: str, start: int = 0, batch: int = 1,
+                 part: tuple[int, int] = (0, 1)) -> None:
         self.num_items, self.seed, self.stream, self.start = num_items, seed, stream, start
+        self.batch, self.part = batch, part
+
+    def positions(self) -> Iterator[int]:
+        rank, world = self.part
+        if world == 1:
+            yield from itertools.count(self.start)
+            return
+        size = self.batch // world
+        for step in itertools.count(self.start // self.batch):
+            first = step * self.batch + rank * size
+            yield from range(first, first + size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        position = self.start
         epoch, perm = -1, None
-        while True:
+        for position in self.positions():
             if position // self.num_items != epoch:
                 epoch = position // self.num_items
                 gen = torch.Generator().manual_seed(_stream_key(self.seed, epoch, self.stream + "/perm"))
                 perm = torch.randperm(self.num_items, generator=gen).tolist()
             yield _stream_key(self.seed, position, self.stream), perm[position % self.num_items]
-            position += 1
 
 
 class SeededItems(Dataset):
@@ -128,11 +145,18 @@ class SeededItems(Dataset):
             return self.dataset[index]
 
 
-def _loader(dataset: Dataset, batch_size: int, sampler: Sampler, cfg: Any, device: torch.device) -> DataLoader:
+def _sampler(dataset: Dataset, cfg: Any, stream: str, start_step: int, batch: int) -> StepSampler:
+    """The stream of total batch ``batch`` from step ``start_step``: this rank's share under torch.distributed."""
+    return StepSampler(len(dataset), seed=cfg.trainer.seed, stream=stream, start=start_step * batch,  # type: ignore[arg-type]
+                       batch=batch, part=(ddp.rank(), ddp.world_size()))
+
+
+def _loader(dataset: Dataset, batch_size: int, sampler: StepSampler, cfg: Any, device: torch.device) -> DataLoader:
+    """Batches of this rank's share of ``batch_size`` (the total over ranks)."""
     workers = cfg.trainer.num_workers
     return DataLoader(
         SeededItems(dataset),
-        batch_size=batch_size,
+        batch_size=ddp.share(batch_size, "batch size"),
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -161,8 +185,7 @@ def labeled_loader(
         ignore_index=ds.ignore_index,
     )
     batch = batch_size or cfg.trainer.batch_size
-    sampler = StepSampler(len(dataset), seed=cfg.trainer.seed, stream=stream, start=start_step * batch)
-    return _loader(dataset, batch, sampler, cfg, device)
+    return _loader(dataset, batch, _sampler(dataset, cfg, stream, start_step, batch), cfg, device)
 
 
 def unlabeled_loader(
@@ -189,8 +212,7 @@ def unlabeled_loader(
         image_labels=image_labels,
     )
     batch = cfg.trainer.unlabeled_batch_size
-    sampler = StepSampler(len(dataset), seed=cfg.trainer.seed, stream="unlabeled", start=start_step * batch)
-    return _loader(dataset, batch, sampler, cfg, device)
+    return _loader(dataset, batch, _sampler(dataset, cfg, "unlabeled", start_step, batch), cfg, device)
 
 
 def shard(num_items: int) -> list[int]:
