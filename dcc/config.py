@@ -188,7 +188,7 @@ class LossConfig:
     temperature: float = 0.1  # tau
     pos_threshold: float = 0.75  # gamma
     start_step: int = 5785  # 5 epochs x 1157 iterations
-    selected_num: int = 6400  # negatives sampled per view per step
+    selected_num: int = 12800  # negatives sampled per view per step, in total over processes (VOC: every cell of 8 crops)
     bank_steps: int = 1  # FIFO bank keeps the current step and this many previous ones
     proj_dim: int = 128
     weak: bool = False  # Eq. 10-11: the image-level classifier C_w on both unlabeled views (needs image labels)

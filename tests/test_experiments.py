@@ -112,7 +112,7 @@ COMMON = {
 }
 SPECIFIC = {
     "voc_deeplabv3plus_r50": {"optim.lr": 0.01, "dataset.crop_size": 320, "dataset.base_size": 400,
-                              "dataset.color_jitter_p": 0.0, "loss.selected_num": 6400, "loss.bank_steps": 1,
+                              "dataset.color_jitter_p": 0.0, "loss.selected_num": 12800, "loss.bank_steps": 1,
                               "segnet.output_stride": 16, "segnet.multi_grid": [1, 2, 4], "dataset.protocol": "aug",
                               "backbone.name": "resnet50"},
     "voc_deeplabv3plus_r101": {"optim.lr": 0.01, "dataset.crop_size": 320, "loss.bank_steps": 2,
@@ -132,7 +132,7 @@ SPECIFIC = {
                                 "segnet.output_stride": 8, "loss.preset": "weakly", "loss.weak": True,
                                 "dataset.image_labels": True},
     "cityscapes_deeplabv3plus_r50": {"optim.lr": 0.1, "dataset.crop_size": 720, "dataset.base_size": 2048,
-                                     "dataset.color_jitter_p": 1.0, "loss.selected_num": 16200, "loss.bank_steps": 0,
+                                     "dataset.color_jitter_p": 1.0, "loss.selected_num": 64800, "loss.bank_steps": 0,
                                      "dataset.num_classes": 19},
 }
 
