@@ -251,7 +251,10 @@ def fit(
                      f"{prefix}val/best_miou": best}
                     | ({f"{prefix}val/weak_map": res["weak_map"]} if "weak_map" in res else {}), step,
                 )
-                bar.write(f"{prefix}step {step}: val mIoU {res['miou']:.4f} (best {best:.4f}) pixel acc {res['pixel_acc']:.4f}")
+                if ddp.is_main():
+                    weak = f" weak mAP {res['weak_map']:.4f}" if "weak_map" in res else ""
+                    bar.write(f"{prefix}step {step}: val mIoU {res['miou']:.4f} (best {best:.4f}) "
+                              f"pixel acc {res['pixel_acc']:.4f}{weak}")
                 if is_last:
                     final = res
             if step % tc.checkpoint_every == 0 or is_last or stop:

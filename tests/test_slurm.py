@@ -91,6 +91,26 @@ def test_two_job_sweep_runs_through_sbatch(slurm_env, tiny_overrides, tmp_path):
     assert len(logs) == 2 and all("Job completed successfully" in f.read_text() for f in logs)
 
 
+@pytest.mark.slow
+def test_two_task_job_trains_one_model_with_both_ranks(slurm_env, tiny_overrides, tmp_path):
+    """trainer.devices=2: one sbatch job with 2 tasks; each joins the process group from SLURM's variables
+    (gloo on CPU), and the pair trains one model: one MLflow run, written by rank 0."""
+    over = sweep_overrides(tiny_overrides) + ["trainer.devices=2", "trainer.device=cpu", "trainer.num_workers=0"]
+    proc = _run(["-m", *LAUNCH, "hydra.job.name=ddp_slurm", "loss=ablation_viii", "split=1_8", *over], tmp_path, slurm_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, parent, children = _children(over)
+    (run,) = children
+    assert run.info.status == "FINISHED" and run.data.params["trainer/devices"] == "2"
+    (script,) = tmp_path.glob("multirun/*/*/.submitit/*/*_submission.sh")
+    assert "#SBATCH --ntasks-per-node=2" in script.read_text()
+    logs = sorted(tmp_path.glob("multirun/*/*/.submitit/*/*_log.out"))
+    assert len(logs) == 2
+    texts = [f.read_text() for f in logs]
+    for rank, text in enumerate(texts):
+        assert f"rank {rank} of 2 (gloo, cpu)" in text and "Job completed successfully" in text, text[-2000:]
+    assert "val mIoU" in texts[0] and "val mIoU" not in texts[1]  # only rank 0 reports
+
+
 class SlowCheckpoints(Callback):
     """Test helper, run by Hydra inside the SLURM job: every checkpoint takes a second longer, which
     leaves time to signal the job between two of them."""
