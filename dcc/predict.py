@@ -57,6 +57,12 @@ def load_model(cfg: Any, checkpoint: str | Path, device: torch.device) -> torch.
     model = build_model(cfg)
     state = load(path)
     state = state.get("model", state) if isinstance(state, dict) else state
+    # Training-only heads (the projector Phi, the image-level classifier C_w) play no part in a prediction:
+    # a checkpoint and a config may differ in them (e.g. a weakly run's checkpoint with the default loss).
+    aux = ("projector.", "weak_classifier.")
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(aux)}
+    state |= {k: v for k, v in own.items() if k.startswith(aux) and k not in state}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -74,3 +74,21 @@ def test_predict_errors(checkpoint, tmp_path):
         run_predict(wrong, launch_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="predict.checkpoint: no such file"):
         run_predict(compose_cfg(SMALL + [f"predict.checkpoint={tmp_path / 'nope.pt'}"]), launch_dir=tmp_path)
+
+
+@pytest.mark.parametrize("config_loss", ["suponly", "ablation_viii"])
+def test_training_only_heads_need_not_match(tmp_path, config_loss):
+    """A weakly run's checkpoint (projector and C_w) predicts under a config without C_w or without any
+    auxiliary head: the segmentation weights are what counts, and they are loaded exactly."""
+    torch.manual_seed(0)
+    model = build_model(compose_cfg(SMALL + ["loss=weakly"]))
+    path = tmp_path / "last.pt"
+    save_atomic({"model": model.state_dict()}, path)
+    cfg = compose_cfg(SMALL + [f"loss={config_loss}", "trainer.device=cpu"])
+    from dcc.predict import load_model
+
+    loaded = load_model(cfg, path, torch.device("cpu"))
+    assert loaded.weak_classifier is None
+    for key, value in loaded.state_dict().items():
+        if not key.startswith("projector."):
+            torch.testing.assert_close(value, model.state_dict()[key], msg=key)
