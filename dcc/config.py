@@ -83,15 +83,31 @@ class LoggerName(Choice):
 
 
 @dataclass
+class PretrainConfig:
+    """The embedded dataset's stand-in for ImageNet (dcc/data/digits_pretrain.py): the backbone learns digit
+    classification on the pretraining pool before the first run; cached, keyed by these values."""
+
+    steps: int = 0  # 0: no pretraining (random init, or backbone.weights)
+    batch_size: int = 64
+    lr: float = 3.0e-3
+    num_images: int = 8000  # single-digit images rendered from the pretraining pool
+    image_size: int = 48
+    digit_size: list[int] = field(default_factory=lambda: [24, 40])
+
+
+@dataclass
 class ScenesConfig:
-    """Generator of the embedded digits dataset (ignored by real datasets)."""
+    """Generator of the embedded digits dataset (ignored by real datasets): MNIST digits on textured scenes."""
 
     num_train: int = 2000
     num_val: int = 300
     image_size: int = 64
     digits_per_image: list[int] = field(default_factory=lambda: [1, 3])
     digit_size: list[int] = field(default_factory=lambda: [24, 40])
-    seed: int = 0
+    stroke: int = 3  # grey dilation of each 28x28 digit (1: MNIST's own strokes)
+    max_overlap: float = 0.25  # largest share of an earlier digit's box a new digit may cover
+    seed: int = 0  # scenes and the three disjoint digit pools
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 @dataclass

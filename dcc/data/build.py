@@ -52,6 +52,8 @@ def load_sources(cfg: Any) -> tuple[Any, Any]:
             image_size=sc.image_size,
             digits_per_image=tuple(sc.digits_per_image),
             digit_size=tuple(sc.digit_size),
+            stroke=sc.stroke,
+            max_overlap=sc.max_overlap,
             seed=sc.seed,
         )
         return (

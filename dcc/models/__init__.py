@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dcc.config import Method, SegNetName
+from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.models.backbone import Backbone, WeightsError, load_local_weights
 from dcc.models.heads import DeepLabV3PlusHead, PSPHead
 from dcc.models.segmentor import Projector, Segmentor
@@ -23,7 +24,7 @@ def build_model(cfg: Any) -> Segmentor:
         bb.name,
         output_stride=seg.output_stride,
         multi_grid=list(seg.multi_grid),
-        weights=bb.weights,
+        weights=embedded_backbone_weights(cfg),
         pretrained=bb.pretrained,
         allow_download=bb.allow_download,
         kwargs=dict(bb.kwargs),

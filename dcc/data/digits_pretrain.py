@@ -1,0 +1,158 @@
+"""The embedded dataset's "ImageNet": a backbone pretrained on digit classification.
+
+The paper's backbones start from ImageNet weights and train at a tenth of the head's learning rate. The
+embedded benchmark has the same shape: before its first run, the timm backbone named by ``backbone.name``
+learns 10-way digit classification on single-digit images rendered (with the scene generator's
+backgrounds, bold strokes and colours) from the **pretraining pool** of MNIST samples only
+(:func:`dcc.data.digits.digit_pools`), so no digit that appears in a training or validation scene is ever
+seen here. The classifier's weights (timm format, head removed) are cached next to the scenes, keyed by
+every parameter below and the backbone, and loaded through the ordinary local-weights path
+(``backbone.weights``). Accuracy is measured on images of held-out pretraining-pool digits.
+
+Rebuild (or build ahead of time) with ``python -m dcc.data.digits_pretrain [--force] [overrides...]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcc.data.digits import cache_path, digit_pools, load_mnist, render_scenes
+from dcc.tracking import _file_lock as file_lock
+
+log = logging.getLogger(__name__)
+
+_HOLDOUT = 200  # pretraining-pool digits kept out of training, for the accuracy figure
+_TEST_IMAGES = 1000
+
+
+def pretrain_params(cfg: Any) -> dict[str, Any]:
+    """Everything the cached weights depend on, from a run config."""
+    pc, sc, bb = cfg.dataset.scenes.pretrain, cfg.dataset.scenes, cfg.backbone
+    return {
+        "backbone": str(bb.name), "kwargs": {str(k): v for k, v in dict(bb.kwargs).items()},
+        "steps": int(pc.steps), "batch_size": int(pc.batch_size), "lr": float(pc.lr),
+        "num_images": int(pc.num_images), "image_size": int(pc.image_size),
+        "digit_size": [int(v) for v in pc.digit_size], "stroke": int(sc.stroke), "seed": int(sc.seed),
+        "mean": [float(v) for v in cfg.dataset.mean], "std": [float(v) for v in cfg.dataset.std],
+    }
+
+
+def weights_path(cfg: Any) -> Path:
+    return cache_path(Path(cfg.dataset.root).expanduser() / "digits", "pretrained_backbone", pretrain_params(cfg), ".pt")
+
+
+def _render(rng: np.random.Generator, pool: np.ndarray, count: int, p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, _, ids = render_scenes(rng, pool, num_scenes=count, image_size=p["image_size"], digits_per_image=(1, 1),
+                                   digit_size=tuple(p["digit_size"]), stroke=p["stroke"], max_overlap=1.0)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean, std = torch.tensor(p["mean"]).view(1, 3, 1, 1), torch.tensor(p["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.from_numpy(load_mnist()[1][ids])
+
+
+def pretrain(p: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train the classifier; returns (backbone state dict without the head, {"accuracy", "seconds"})."""
+    import timm
+
+    start = time.perf_counter()
+    pool = digit_pools(p["seed"])["pretrain"]
+    train_seq, test_seq, init_seq = np.random.SeedSequence([p["seed"], 0x7072]).spawn(3)
+    x, y = _render(np.random.default_rng(train_seq), pool[_HOLDOUT:], p["num_images"], p)
+    xt, yt = _render(np.random.default_rng(test_seq), pool[:_HOLDOUT], _TEST_IMAGES, p)
+    gen = torch.Generator().manual_seed(int(init_seq.generate_state(1)[0]))
+    with torch.random.fork_rng():
+        torch.manual_seed(int(init_seq.generate_state(2)[1]))
+        model = timm.create_model(p["backbone"], num_classes=10, **p["kwargs"])
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=max(p["steps"], 1))
+    model.train()
+    for _ in range(p["steps"]):
+        idx = torch.randint(len(x), (p["batch_size"],), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(chunk).argmax(1) for chunk in xt.split(250)])
+    accuracy = float((pred == yt).float().mean())
+    model.reset_classifier(0)
+    return model.state_dict(), {"accuracy": accuracy, "seconds": time.perf_counter() - start}
+
+
+def ensure_pretrained_backbone(cfg: Any, *, force: bool = False) -> Path:
+    """The cached weights file for ``cfg``, trained first if missing (or if ``force``)."""
+    path = weights_path(cfg)
+    if path.exists() and not force:
+        return path
+    with file_lock(path.with_suffix(".lock")):  # several processes of one run, or parallel sweep jobs: one builds
+        if path.exists() and not force:
+            return path
+        return _build(cfg, path)
+
+
+def _build(cfg: Any, path: Path) -> Path:
+    p = pretrain_params(cfg)
+    print(f"pretraining {p['backbone']} on digit classification ({p['steps']} steps, pretraining pool only); "
+          f"cached in {path}", file=sys.stderr, flush=True)
+    state, info = pretrain(p)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    path.with_suffix(".json").write_text(json.dumps(p | info, indent=1))
+    print(f"pretrained backbone: held-out digit accuracy {info['accuracy']:.3f} in {info['seconds']:.0f} s",
+          file=sys.stderr, flush=True)
+    return path
+
+
+def pretrained_info(cfg: Any) -> dict[str, Any] | None:
+    """Accuracy and time recorded when the cached weights were built (None when not built)."""
+    meta = weights_path(cfg).with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.exists() else None
+
+
+def embedded_backbone_weights(cfg: Any) -> str | None:
+    """``backbone.weights`` for this run: the user's file if given, else (embedded dataset with
+    ``dataset.scenes.pretrain.steps > 0``) the cached digit-pretrained backbone, built on first use."""
+    if cfg.backbone.weights or str(cfg.dataset.name) != "digits" or cfg.dataset.scenes.pretrain.steps <= 0:
+        return cfg.backbone.weights
+    return str(ensure_pretrained_backbone(cfg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dcc.data.digits_pretrain [--force] [overrides...]``: build (or rebuild) the cached backbone."""
+    from hydra import compose, initialize_config_dir
+
+    from dcc.cli import quote_split_overrides
+    from dcc.config import register_configs
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    force = "--force" in args
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=quote_split_overrides([a for a in args if a != "--force"]))
+    path = ensure_pretrained_backbone(cfg, force=force)
+    info = pretrained_info(cfg) or {}
+    print(f"{path}\nheld-out accuracy {info.get('accuracy', math.nan):.3f}, built in {info.get('seconds', math.nan):.0f} s")
+
+
+if __name__ == "__main__":
+    main()
