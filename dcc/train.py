@@ -27,7 +27,7 @@ from dcc.losses import cross_entropy
 from dcc.models import Segmentor, build_model
 from dcc.optim import build_optimizer, poly_scheduler
 from dcc.preemption import PreemptionGuard
-from dcc.visualize import save_prediction_grid
+from dcc.visualize import dataset_palette, save_prediction_grid
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def fit(
     )
     if final.get("samples") and ddp.is_main():
         grid = save_prediction_grid(final["samples"], list(cfg.dataset.mean), list(cfg.dataset.std),
-                                    state_dir / "predictions.png")
+                                    state_dir / "predictions.png", dataset_palette(cfg))
         tracker.log_artifact(grid, f"{prefix}predictions".rstrip("/"))
     return FitResult(final_miou=final["miou"], best_miou=best, final=final, model=model, state_dir=state_dir,
                      steps=step, history=history)

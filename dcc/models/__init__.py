@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dcc.config import Method, SegNetName
-from dcc.models.backbone import Backbone, WeightsError, load_local_weights
+from dcc.models.backbone import Backbone, WeightsError, build_backbone, load_local_weights
 from dcc.models.heads import DeepLabV3PlusHead, PSPHead
 from dcc.models.segmentor import Projector, Segmentor
 
@@ -19,7 +19,7 @@ def _enum(value: Any, enum: type) -> Any:
 def build_model(cfg: Any) -> Segmentor:
     seg, bb = cfg.segnet, cfg.backbone
     name = _enum(seg.name, SegNetName)
-    backbone = Backbone(
+    backbone = build_backbone(
         bb.name,
         output_stride=seg.output_stride,
         multi_grid=list(seg.multi_grid),
@@ -27,6 +27,7 @@ def build_model(cfg: Any) -> Segmentor:
         pretrained=bb.pretrained,
         allow_download=bb.allow_download,
         kwargs=dict(bb.kwargs),
+        vit_blocks=list(bb.get("vit_blocks") or []),
     )
     if name is SegNetName.deeplabv3plus:
         head = DeepLabV3PlusHead(
