@@ -12,7 +12,8 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 
 class Choice(Enum):
@@ -26,6 +27,7 @@ class DatasetName(Choice):
     digits = "digits"
     voc = "voc"
     cityscapes = "cityscapes"
+    folder = "folder"  # your own images and masks (dcc/data/folder.py)
 
 
 class VocProtocol(Choice):
@@ -188,6 +190,9 @@ class BackboneConfig:
     pretrained: bool = False  # load timm's own weights from its local cache
     allow_download: bool = False  # let timm download them when they are not cached
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    # ViT only (dcc/models/vit.py): transformer blocks feeding the feature pyramid; [] = the last block for
+    # every level, [b] = block b for every level, [b_low, b_high] = the stride-4 level from b_low, the rest from b_high
+    vit_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -276,6 +281,17 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
+def _folder_classes(root: Optional[str], what: str) -> Any:
+    from dcc.data.folder import classes_resolver
+
+    return classes_resolver(root, what)
+
+
+# conf/dataset/folder.yaml: dataset.num_classes / class_names = ${dcc_folder_classes:${dataset.root},count|names}.
+# Registered on import, so that any process that reads a config (spawned ranks, SLURM jobs) resolves it.
+OmegaConf.register_new_resolver("dcc_folder_classes", _folder_classes, replace=True)
+
+
 class ConfigError(ValueError):
     """A combination of options that means nothing; raised before any data is loaded."""
 
@@ -344,6 +360,10 @@ def validate(cfg: Any) -> None:
         dataset is DatasetName.voc or protocol is VocProtocol.aug,
         f"dataset.protocol={protocol.name} only exists for dataset=voc (got dataset={dataset.name})",
     )
+    try:  # dataset=folder: interpolated from <root>/classes.txt
+        ds.class_names, ds.num_classes
+    except InterpolationResolutionError as exc:
+        raise ConfigError(str(exc.__cause__ or exc)) from exc
     _check(
         not ds.class_names or len(ds.class_names) == ds.num_classes,
         f"dataset.class_names has {len(ds.class_names)} names but dataset.num_classes={ds.num_classes}",
@@ -351,9 +371,10 @@ def validate(cfg: Any) -> None:
     source = ImageLabelSource[str(getattr(ds.image_label_source, "name", ds.image_label_source))]
     if ds.image_labels:
         _check(
-            dataset in (DatasetName.voc, DatasetName.digits),
+            dataset in (DatasetName.voc, DatasetName.digits, DatasetName.folder),
             f"dataset.image_labels=true: dataset={dataset.name} has no image-level labels "
-            "(available for voc, from its masks or XML annotations, and for digits, the digits in each scene)",
+            "(available for voc, from its masks or XML annotations, for folder, from its masks, and for digits, "
+            "the digits in each scene)",
         )
         _check(
             source is ImageLabelSource.masks or dataset is DatasetName.voc,
@@ -381,14 +402,13 @@ def validate(cfg: Any) -> None:
     )
     lo, hi = ds.iou_range
     _check(0.0 <= lo <= hi <= 1.0, f"dataset.iou_range must satisfy 0 <= low <= high <= 1, got {list(ds.iou_range)}")
-    import timm
-
-    _check(
-        timm.is_model(cfg.backbone.name),
-        f"backbone.name={cfg.backbone.name!r} is not a timm model (see timm.list_models(), e.g. resnet18, resnet50, resnet101)",
-    )
     seg = SegNetName[str(getattr(cfg.segnet.name, "name", cfg.segnet.name))]
     _check(cfg.segnet.output_stride in (8, 16, 32), f"segnet.output_stride must be 8, 16 or 32, got {cfg.segnet.output_stride}")
+    from dcc.models.backbone import check_backbone
+
+    problem = check_backbone(cfg.backbone.name, output_stride=cfg.segnet.output_stride, segnet=seg.name,
+                             kwargs=dict(cfg.backbone.kwargs), vit_blocks=list(cfg.backbone.vit_blocks))
+    _check(problem is None, str(problem))
     if seg is SegNetName.pspnet:
         _check(
             cfg.segnet.consistency_stride == cfg.segnet.output_stride,

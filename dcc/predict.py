@@ -21,18 +21,18 @@ from PIL import Image
 
 from dcc.data.files import DataError, read_image
 from dcc.evaluate import eval_options, predict
-from dcc.visualize import palette
+from dcc.visualize import dataset_palette, palette
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def save_palette_png(mask: np.ndarray, path: Path) -> Path:
-    """Write class indices ``[H, W]`` uint8 as a palette PNG (colours: the VOC colour map)."""
+def save_palette_png(mask: np.ndarray, path: Path, pal: np.ndarray | None = None) -> Path:
+    """Write class indices ``[H, W]`` uint8 as a palette PNG (colours ``pal`` [256, 3], default the VOC colour map)."""
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     im = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
-    im.putpalette(palette().reshape(-1).tolist())
+    im.putpalette((palette() if pal is None else pal).reshape(-1).tolist())
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
     return path
@@ -111,12 +111,12 @@ def run_predict(cfg: Any, launch_dir: Path | None = None) -> list[Path]:
         items = _folder_items(folder)
     else:
         items = _val_items(cfg)
-    written = []
+    written, pal = [], dataset_palette(cfg)
     with torch.no_grad():
         for name, image in items:
             x = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float().div(255.0)
             pred = predict(model, (x - mean) / std, **options).argmax(1)[0]
-            written.append(save_palette_png(pred.to(torch.uint8).cpu().numpy(), out / f"{name}.png"))
+            written.append(save_palette_png(pred.to(torch.uint8).cpu().numpy(), out / f"{name}.png", pal))
     log.info("wrote %d masks to %s", len(written), out)
     print(f"wrote {len(written)} palette masks to {out} ({options['mode']} mode)", flush=True)
     return written

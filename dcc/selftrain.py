@@ -14,6 +14,7 @@ from dcc import checkpoint as ckpt
 from dcc.config import Method
 from dcc.data.build import DataBundle, eval_loader
 from dcc.evaluate import predict_whole
+from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.models import Segmentor, build_model
 from dcc.train import FitResult, fit
 
@@ -64,7 +65,7 @@ class _Unlabeled:
 
 def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, run_dir: Path) -> FitResult:
     if cfg.loss.teacher_checkpoint:
-        teacher = build_model(cfg).to(device)
+        teacher = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
         teacher.projector = None
         state = ckpt.load(cfg.loss.teacher_checkpoint)
         teacher.load_state_dict(state.get("model", state))

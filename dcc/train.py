@@ -24,10 +24,11 @@ from dcc.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
 from dcc.evaluate import eval_options, evaluate
 from dcc.losses import cross_entropy
+from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.models import Segmentor, build_model
 from dcc.optim import build_optimizer, poly_scheduler
 from dcc.preemption import PreemptionGuard
-from dcc.visualize import save_prediction_grid
+from dcc.visualize import dataset_palette, save_prediction_grid
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def fit(
     method = method or _method(cfg)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed % (2**32))
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
     if method is not Method.cac and model.projector is not None:
         model.projector = None
     model = ddp.sync_batchnorm(model, device)  # several processes on GPUs: BN statistics over the whole batch
@@ -279,7 +280,7 @@ def fit(
     )
     if final.get("samples") and ddp.is_main():
         grid = save_prediction_grid(final["samples"], list(cfg.dataset.mean), list(cfg.dataset.std),
-                                    state_dir / "predictions.png")
+                                    state_dir / "predictions.png", dataset_palette(cfg))
         tracker.log_artifact(grid, f"{prefix}predictions".rstrip("/"))
     return FitResult(final_miou=final["miou"], best_miou=best, final=final, model=model, state_dir=state_dir,
                      steps=step, history=history)

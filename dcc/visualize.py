@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,17 +21,29 @@ def palette(num_colors: int = 256) -> np.ndarray:
     return pal.astype(np.uint8)
 
 
+def dataset_palette(cfg: Any) -> np.ndarray:
+    """``[256, 3]``: the VOC colour map, with ``<root>/palette.txt``'s colours first for ``dataset=folder``."""
+    pal = palette()
+    if str(cfg.dataset.name) == "folder" and cfg.dataset.root:
+        from dcc.data.folder import read_palette
+
+        own = read_palette(cfg.dataset.root)
+        if own is not None:
+            pal[: min(len(own), 255)] = own[:255]
+    return pal
+
+
 def save_prediction_grid(
     samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], mean: Sequence[float], std: Sequence[float],
-    path: str | Path,
+    path: str | Path, pal: np.ndarray | None = None,
 ) -> Path:
-    """One row per sample: image, ground truth, prediction."""
+    """One row per sample: image, ground truth, prediction (colours ``pal``, default the VOC colour map)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pal = palette()
+    pal = palette() if pal is None else pal
     rows = max(len(samples), 1)
     fig, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows), squeeze=False)
     for r, (image, target, pred) in enumerate(samples):

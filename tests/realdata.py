@@ -124,3 +124,43 @@ TINY_REAL = [
     "loss.selected_num=16",
     "logger=none",
 ]
+
+
+FOLDER_CLASSES = ["background", "road", "tree top", "car-park"]
+FOLDER_PALETTE = [(0, 0, 0), (128, 64, 128), (0, 200, 0), (250, 170, 30)]
+FOLDER_LABELED = [f"lab_{i:02d}" for i in range(6)]  # train images with masks (even: grayscale, odd: palette PNG)
+FOLDER_UNLABELED = [f"raw_{i:02d}" for i in range(3)]  # train images without a mask
+FOLDER_VAL = [f"val_{i:02d}" for i in range(3)]
+
+
+def folder_label(index: int) -> np.ndarray:
+    """Bands of the 4 classes (index-dependent) and a 255 boundary row."""
+    rows = np.arange(H)[:, None].repeat(W, 1)
+    label = ((rows // 8 + index) % len(FOLDER_CLASSES)).astype(np.uint8)
+    label[H // 2] = 255
+    return label
+
+
+def make_folder(root: Path, *, palette_file: bool = True) -> Path:
+    """A ``dataset=folder`` tree: classes.txt, palette.txt, labeled (grayscale and palette masks, .jpg and .png
+    images), unlabeled-only and validation images. Label ``k`` of the generation order is ``folder_label(k)``."""
+    for sub in ("images/train", "masks/train", "images/val", "masks/val"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in FOLDER_CLASSES) + "\n")
+    if palette_file:
+        (root / "palette.txt").write_text("".join(f"{r} {g} {b}\n" for r, g, b in FOLDER_PALETTE))
+    k = 0
+    for name in FOLDER_LABELED + FOLDER_UNLABELED:
+        suffix = ".jpg" if k % 3 == 0 else ".png"
+        Image.fromarray(_image(200 + k)).save(root / "images/train" / f"{name}{suffix}")
+        if name in FOLDER_LABELED:
+            if k % 2:
+                _palette_png(folder_label(k), root / "masks/train" / f"{name}.png")
+            else:
+                Image.fromarray(folder_label(k)).save(root / "masks/train" / f"{name}.png")
+        k += 1
+    for name in FOLDER_VAL:
+        Image.fromarray(_image(200 + k)).save(root / "images/val" / f"{name}.png")
+        _palette_png(folder_label(k), root / "masks/val" / f"{name}.png")
+        k += 1
+    return root

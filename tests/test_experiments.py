@@ -85,8 +85,33 @@ def test_hand_count_of_the_plain_resnets_matches_the_published_sizes():
     assert vgg16() == 138_357_544 - 123_642_856
 
 
+EXTENSIONS = ["voc_deeplabv3plus_dinov2_s"]  # our settings beyond the paper (tested below)
+
+
 def test_every_preset_is_listed():
-    assert sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")) == sorted(PRESETS)
+    assert sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")) == sorted(PRESETS + EXTENSIONS)
+
+
+def test_dinov2_preset_keeps_cac_and_takes_unimatch_v2_encoder_settings():
+    import timm
+
+    cfg = compose_cfg(["experiment=voc_deeplabv3plus_dinov2_s", "backbone.weights=null", "task=summary"])
+    validate(cfg)
+    for key, value in COMMON.items():
+        if not key.startswith("optim.") and key != "eval.pad_multiple":
+            assert _get(cfg, key) == value, key
+    expected = {"backbone.name": "vit_small_patch14_dinov2", "dataset.crop_size": 592, "optim.name": "adamw",
+                "optim.lr": 2e-4, "optim.backbone_lr_mult": 0.025, "optim.weight_decay": 0.01, "optim.poly_power": 0.9,
+                "segnet.name": "deeplabv3plus", "segnet.output_stride": 16, "dataset.name": "voc", "eval.pad_multiple": 16}
+    for key, value in expected.items():
+        assert _get(cfg, key) == value, key
+    assert cfg.optim.lr * cfg.optim.backbone_lr_mult == pytest.approx(5e-6)  # UniMatch V2's encoder lr
+    assert cfg.dataset.crop_size // 16 * 14 == 518  # the ViT's input side, UniMatch V2's crop
+    vit = sum(p.numel() for p in timm.create_model("vit_small_patch14_dinov2", num_classes=0).parameters())
+    pyramid = (384 * 192 * 4 + 192) + 2 * 192 + (192 * 96 * 4 + 96)  # stride 4: two 2x2 transposed convs
+    counts = dict(item.split("=") for item in summary(cfg).removeprefix("params: ").split())
+    assert int(counts["backbone"]) == vit + pyramid
+    assert int(counts["total"]) == vit + pyramid + deeplabv3plus_head(384, 96) + conv(256, 21, bias=True) + projector(256)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

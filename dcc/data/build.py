@@ -23,6 +23,7 @@ from dcc import distributed as ddp
 from dcc.config import DatasetName, VocProtocol
 from dcc.data.datasets import ArraySource, LabeledDataset, UnlabeledPairDataset
 from dcc.data.digits import load_digit_scenes
+from dcc.data.files import DataError
 from dcc.data.splits import choose_split, generate_labeled
 
 
@@ -69,6 +70,11 @@ def load_sources(cfg: Any) -> tuple[Any, Any]:
         from dcc.data.cityscapes import load_cityscapes
 
         return load_cityscapes(ds.root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
+    if name is DatasetName.folder:
+        from dcc.data.folder import load_folder, read_classes
+
+        read_classes(ds.root)  # a wrong root fails here naming the layout, before the interpolated num_classes is read
+        return load_folder(ds.root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
     raise ValueError(f"dataset.name={name.name} has no loader")  # pragma: no cover - enum is exhaustive
 
 
@@ -84,6 +90,10 @@ def build_data(cfg: Any) -> DataBundle:
     """Sources, the split (``split.labeled_list`` or generated from ``split.seed`` / ``split.index``) and,
     with ``dataset.image_labels=true``, the image-level labels of the training images."""
     train, val = load_sources(cfg)
+    problems = [p for source in (train, val) for p in getattr(source, "layout_problems", [])]
+    if problems:  # e.g. a mask without its image (dataset=folder): a labeled image would silently go unlabeled
+        raise DataError(f"{len(problems)} dataset layout problems, the first: {problems[0]} "
+                        "(python -m dcc.data.check lists them all)")
     labeled, unlabeled = choose_split(cfg, train)
     image_labels = None
     if cfg.dataset.get("image_labels"):

@@ -94,6 +94,11 @@ def check_dataset(cfg: Any, *, workers: int = 1, progress: bool = False) -> tupl
     reports = [check_source("train", train, workers=workers, progress=progress),
                check_source("val", val, workers=workers, progress=progress)]
     notes, problems = [], []
+    for source in (train, val):
+        problems += getattr(source, "layout_problems", [])
+    unlabeled_only = int((~train.has_label()).sum()) if hasattr(train, "has_label") else 0
+    if unlabeled_only:
+        notes.append(f"train: {unlabeled_only} images without a label, used as unlabeled images only")
     name = str(cfg.dataset.name)
     if name in EXPECTED:
         for report, expected in zip(reports, EXPECTED[name]):
@@ -148,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=quote_split_overrides(list(overrides)))
     reports, problems, notes = check_dataset(cfg, workers=args.workers, progress=not args.quiet)
-    names = list(cfg.dataset.class_names) or [str(k) for k in range(cfg.dataset.num_classes)]
+    try:  # dataset=folder reads them from classes.txt, which a wrong root lacks (reported above)
+        names = list(cfg.dataset.class_names) or [str(k) for k in range(cfg.dataset.num_classes)]
+    except Exception:  # noqa: BLE001
+        names = []
     print(f"dataset {cfg.dataset.name} at {cfg.dataset.root}")
     print(format_report(reports, problems, notes, names, cfg.dataset.ignore_index), flush=True)
     return 1 if problems or any(r.problems for r in reports) else 0

@@ -98,6 +98,30 @@ def voc_image_labels(base: Path, ids: Sequence[str], source: ImageLabelSource, c
     return labels
 
 
+def mask_image_labels(train: Any, num_classes: int) -> np.ndarray:
+    """Labels of every image of a :class:`~dcc.data.files.FileSource` from its own mask (``dataset=folder``),
+    cached once per (root, files, modification times); an image without a mask has no image-level label."""
+    missing = [train.entries[i][0] for i, has in enumerate(train.has_label()) if not has]
+    if missing:
+        raise DataError(
+            f"dataset.image_labels=true: {len(missing)} training images have no mask to take image-level labels from, "
+            f"e.g. {train.root / missing[0]} (the weakly-supervised setting needs a mask, or turn it off with "
+            "loss.weak=false / dataset.image_labels=false)")
+    paths = [train.label_path(i) for i in range(len(train))]
+    key = f"{Path(train.root).resolve()}|{num_classes}|" + "|".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in paths)
+    cache = _cache_file("folder-masks", key)
+    if cache.exists():
+        labels = np.load(cache)
+        if labels.shape == (len(train), num_classes - 1):
+            return labels
+    labels = np.stack([labels_from_masks(train.read_label(i)[None], num_classes)[0] for i in range(len(train))])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, labels)
+    os.replace(tmp, cache)
+    return labels
+
+
 def load_image_labels(cfg: Any, train: Any) -> np.ndarray:
     """float32 ``[len(train), num_classes - 1]``: the image-level labels of every training image."""
     ds = cfg.dataset
@@ -106,6 +130,8 @@ def load_image_labels(cfg: Any, train: Any) -> np.ndarray:
     source = source if isinstance(source, ImageLabelSource) else ImageLabelSource[str(source)]
     if name is DatasetName.digits:
         return labels_from_masks(train.masks, ds.num_classes)
+    if name is DatasetName.folder:
+        return mask_image_labels(train, ds.num_classes)
     if name is DatasetName.voc:
         from dcc.data.voc import CLASSES
 

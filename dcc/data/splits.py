@@ -146,7 +146,8 @@ def choose_split(cfg: Any, train: Any) -> tuple[np.ndarray, np.ndarray]:
         if len(no_label):
             raise DataError(
                 f"{sp.labeled_list}: {len(no_label)} listed images have no label under this protocol, e.g. "
-                f"{_keys(train, int(no_label[0]))[-1]} (dataset.protocol=classic labels only the 1,464 fine images)"
+                f"{_keys(train, int(no_label[0]))[-1]} (voc: dataset.protocol=classic labels only the 1,464 fine "
+                "images; folder: the image has no mask in masks/train)"
             )
         labeled = np.sort(labeled)
     else:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dcc.config import Method, SegNetName
-from dcc.data.digits_pretrain import embedded_backbone_weights
-from dcc.models.backbone import Backbone, WeightsError, load_local_weights
+from dcc.models.backbone import Backbone, WeightsError, build_backbone, load_local_weights
 from dcc.models.heads import DeepLabV3PlusHead, PSPHead
 from dcc.models.segmentor import Projector, Segmentor
 
@@ -17,17 +16,20 @@ def _enum(value: Any, enum: type) -> Any:
     return value if isinstance(value, enum) else enum[str(value)]
 
 
-def build_model(cfg: Any) -> Segmentor:
+def build_model(cfg: Any, *, backbone_weights: str | None = None) -> Segmentor:
+    """The segmentor of ``cfg``; ``backbone_weights`` (a local file) replaces ``backbone.weights`` when given
+    (training passes the embedded benchmark's pretrained backbone, :mod:`dcc.data.digits_pretrain`)."""
     seg, bb = cfg.segnet, cfg.backbone
     name = _enum(seg.name, SegNetName)
-    backbone = Backbone(
+    backbone = build_backbone(
         bb.name,
         output_stride=seg.output_stride,
         multi_grid=list(seg.multi_grid),
-        weights=embedded_backbone_weights(cfg),
+        weights=backbone_weights or bb.weights,
         pretrained=bb.pretrained,
         allow_download=bb.allow_download,
         kwargs=dict(bb.kwargs),
+        vit_blocks=list(bb.get("vit_blocks") or []),
     )
     if name is SegNetName.deeplabv3plus:
         head = DeepLabV3PlusHead(

@@ -1,11 +1,20 @@
-"""timm backbones as multi-scale feature extractors, with local weight loading (nothing is downloaded)."""
+"""timm backbones as multi-scale feature extractors, with local weight loading (nothing is downloaded).
+
+:func:`build_backbone` picks the implementation: plain ViTs and the DINOv2 family go through
+:mod:`dcc.models.vit` (a simple feature pyramid on the transformer's tokens), VGG is dilated
+(:mod:`dcc.models.vgg`), every other timm model must build with ``features_only`` at the configured
+``output_stride``. :func:`check_backbone` tries that on the meta device when the config is validated,
+so that a backbone the project cannot use fails at start, naming the families that work.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import timm
 import torch
@@ -40,8 +49,12 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_local_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
-    """Load a torchvision- or timm-format state dict from ``path`` into ``model`` (non-strict).
+def load_local_weights(
+    model: nn.Module, path: str | os.PathLike,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, list[str]]:
+    """Load a torchvision- or timm-format state dict from ``path`` (``.pth``/``.pt``/``.bin``, or ``.safetensors``)
+    into ``model`` (non-strict); ``convert`` rewrites the unwrapped state dict first (ViT: timm's filter).
 
     Returns ``{"missing": [...], "unexpected": [...]}`` and logs both; the classifier (``fc.*``) of an
     ImageNet checkpoint is the usual unexpected entry. Fails when no tensor matched at all, or when a
@@ -51,10 +64,17 @@ def load_local_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, l
     if not path.is_file():
         raise WeightsError(f"backbone.weights: no such file {path}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the path
         raise WeightsError(f"backbone.weights: cannot read {path}: {exc}") from exc
     state = _unwrap_state_dict(raw, path)
+    if convert is not None:
+        state = convert(state)
     own = model.state_dict()
     # timm's features_only wrapper flattens a top-level Sequential: VGG's features.0.weight is features_0.weight there
     state = {k if k in own or k.replace(".", "_", 1) not in own else k.replace(".", "_", 1): v for k, v in state.items()}
@@ -111,8 +131,11 @@ class Backbone(nn.Module):
         pretrained: bool = False,
         allow_download: bool = False,
         kwargs: Mapping[str, Any] | None = None,
+        vit_blocks: Sequence[int] = (),
     ) -> None:
         super().__init__()
+        if vit_blocks:
+            raise ValueError(f"backbone.vit_blocks={list(vit_blocks)} only applies to ViT backbones, not {name!r}")
         if pretrained and not allow_download:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         extra = dict(kwargs or {})
@@ -139,6 +162,7 @@ class Backbone(nn.Module):
         low = [i for i, r in enumerate(reductions) if r == 4]
         self.low_index = low[0] if low else 0
         self.high_index = len(reductions) - 1
+        self.low_stride = reductions[self.low_index]
         self.low_channels = channels[self.low_index]
         self.high_channels = channels[self.high_index]
         self.output_stride = reached or reductions[self.high_index]
@@ -146,3 +170,59 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.body(x)
         return feats[self.low_index], feats[self.high_index]
+
+
+# Families verified to build with features_only at output stride 8 and 16 with a stride-4 level
+# (tests/test_vit.py::test_backbone_families builds one model of each); the message of a rejected backbone.
+WORKING_FAMILIES = (
+    "ResNet / ResNeXt / ResNeSt / Res2Net (resnet50, resnext50_32x4d, resnest50d, res2net50_26w_4s), "
+    "RegNet (regnety_016), ConvNeXt / ConvNeXt-V2 (convnext_tiny), EfficientNet / EfficientNet-V2 / MixNet / "
+    "MobileNetV3 (efficientnet_b0, tf_efficientnetv2_s, mobilenetv3_large_100), Xception (xception65), "
+    "NFNet (nfnet_f0), CSPNet (cspresnet50), RepVGG / MobileViT (repvgg_a2, mobilevit_s), VGG (vgg16, dilated), "
+    "and plain ViTs / DeiT / DINOv2 through a feature pyramid (vit_small_patch16_224, deit_small_patch16_224, "
+    "vit_small_patch14_dinov2, vit_small_patch14_reg4_dinov2)"
+)
+
+
+def build_backbone(name: str, **options: Any) -> nn.Module:
+    """The backbone for timm model ``name``: :class:`dcc.models.vit.ViTBackbone` for plain ViTs and the DINOv2
+    family, else :class:`Backbone`. Both return ``(low, high)`` features and expose ``low_stride``,
+    ``low_channels``, ``high_channels``, ``output_stride`` and ``body`` (the pretrained part)."""
+    from dcc.models.vit import ViTBackbone, is_vit
+
+    if is_vit(name):
+        return ViTBackbone(name, **options)
+    return Backbone(name, **options)
+
+
+def check_backbone(name: str, *, output_stride: int, segnet: str, kwargs: Mapping[str, Any] | None = None,
+                   vit_blocks: Sequence[int] = ()) -> str | None:
+    """None when ``name`` builds as a backbone for ``segnet`` at ``output_stride``, else the reason (one message
+    naming the backbone and the families that work). Builds on the meta device: no memory, no weights."""
+    return _check_cached(name, output_stride, segnet, json.dumps(dict(kwargs or {}), sort_keys=True, default=str),
+                         tuple(vit_blocks))
+
+
+@functools.lru_cache(maxsize=64)
+def _check_cached(name: str, output_stride: int, segnet: str, kwargs_json: str, vit_blocks: tuple[int, ...]) -> str | None:
+    from dcc.models.vit import is_vit
+
+    works = f"Backbones that work: {WORKING_FAMILIES}."
+    if not timm.is_model(name):
+        return f"backbone.name={name!r} is not a timm model (see timm.list_models()). {works}"
+    if vit_blocks and not is_vit(name):
+        return f"backbone.vit_blocks={list(vit_blocks)} only applies to ViT backbones, not {name!r}"
+    try:
+        with torch.device("meta"):
+            model = build_backbone(name, output_stride=output_stride, kwargs=json.loads(kwargs_json),
+                                   vit_blocks=list(vit_blocks))
+    except Exception as exc:  # noqa: BLE001 - any construction failure means the backbone is unusable
+        return (f"backbone.name={name!r} cannot be used as a segmentation backbone at segnet.output_stride="
+                f"{output_stride} ({type(exc).__name__}{': ' + str(exc).splitlines()[0][:200] if str(exc) else ''}). {works}")
+    if model.output_stride != output_stride:
+        return (f"backbone.name={name!r} reaches output stride {model.output_stride}, not segnet.output_stride="
+                f"{output_stride}. {works}")
+    if segnet == "deeplabv3plus" and model.low_stride != 4:
+        return (f"backbone.name={name!r} has no stride-4 features for the DeepLabv3+ decoder (its first level is at "
+                f"stride {model.low_stride}). {works}")
+    return None

@@ -81,8 +81,9 @@ class Segmentor(nn.Module):
         return self.weak_classifier(feats.mean(dim=(2, 3)))
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters, everything else): the backbone trains at lr x backbone_lr_mult."""
-        backbone = list(self.backbone.parameters())
+        """(backbone parameters, everything else): the backbone's pretrained part (``backbone.body``: the whole timm
+        model; for a ViT not its new feature pyramid) trains at lr x backbone_lr_mult."""
+        backbone = list(getattr(self.backbone, "body", self.backbone).parameters())
         ids = {id(p) for p in backbone}
         return backbone, [p for p in self.parameters() if id(p) not in ids]
 

@@ -1,0 +1,158 @@
+"""``dataset=folder``: your own images and index masks in one simple layout (see LAYOUT).
+
+Training images with a mask of the same name form the labeled pool (the ``split`` group draws its
+fraction from it, or ``split.labeled_list`` names them); training images without a mask are always
+unlabeled. Every validation image needs a mask. Masks are index PNGs (palette or grayscale): value
+``k`` is class ``k`` of ``classes.txt``, ``dataset.ignore_index`` (255) is ignored, anything else is an
+error naming the file. ``classes.txt`` sets ``dataset.num_classes`` and ``dataset.class_names`` when the
+config is resolved (conf/dataset/folder.yaml interpolates :func:`classes_resolver`); ``palette.txt``
+(optional) colours the prediction PNGs.
+
+A mask without an image of the same name is a layout problem: ``python -m dcc.data.check`` lists each,
+and training refuses to start (it would silently turn a labeled image into an unlabeled one).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+
+from dcc.data.files import FileSource, LayoutError, identity_lut, list_dir
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MASK_SUFFIX = ".png"
+
+LAYOUT = """\
+  <dataset.root>/
+    classes.txt                   one class name per line; line i is class index i (required)
+    palette.txt                   optional: "r g b" per line (line i colours class i), for prediction PNGs
+    images/train/<name>.jpg|png   training images
+    masks/train/<name>.png        index PNG (palette or grayscale) for the images that have labels; 255 = ignore
+    images/val/<name>.jpg|png     validation images
+    masks/val/<name>.png          every validation image needs one"""
+HINT = "Set dataset.root=/path/to/data or the environment variable DCC_FOLDER_ROOT (see docs/own-data.md)."
+
+# MLflow metric names (val/iou/<class name>) allow these characters only.
+_NAME_OK = re.compile(r"^[A-Za-z0-9_\-. /]+$")
+
+
+def _layout_error(message: str, root: object) -> LayoutError:
+    return LayoutError(f"folder: {message}\n(dataset.root={root}; expected layout:\n{LAYOUT}\n)\n{HINT}")
+
+
+def read_classes(root: str | Path | None) -> list[str]:
+    """Class names of ``<root>/classes.txt`` (one per line, trailing blank lines ignored)."""
+    if root is None or str(root) in ("", "None"):
+        raise _layout_error("dataset.root is not set", root)
+    path = Path(str(root)).expanduser() / "classes.txt"
+    if not path.is_file():
+        raise _layout_error(f"missing {path}", root)
+    return _parse_classes(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_classes(path: Path, _mtime: int) -> list[str]:
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    for number, name in enumerate(names, 1):
+        if not name:
+            raise LayoutError(f"{path}:{number}: empty line (line i names class i-1; remove the gap)")
+        if not _NAME_OK.match(name):
+            raise LayoutError(f"{path}:{number}: class name {name!r} may only hold letters, digits, '_', '-', '.', "
+                              "' ' and '/' (it names the MLflow metric val/iou/<name>)")
+    if not 1 <= len(names) <= 255:
+        raise LayoutError(f"{path}: {len(names)} classes; expected 1 to 255 (255 is the ignore value)")
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, 1):
+        if name in seen:
+            raise LayoutError(f"{path}:{number}: class {name!r} repeats line {seen[name]}")
+        seen[name] = number
+    return names
+
+
+def classes_resolver(root: str | None, what: str) -> int | list[str]:
+    """OmegaConf resolver ``${dcc_folder_classes:${dataset.root},count|names}``."""
+    names = read_classes(root)
+    return len(names) if what == "count" else list(names)
+
+
+def read_palette(root: str | Path) -> np.ndarray | None:
+    """``[K, 3]`` uint8 colours of ``<root>/palette.txt`` ("r g b" per line), or None when there is none."""
+    path = Path(str(root)).expanduser() / "palette.txt"
+    if not path.is_file():
+        return None
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        tokens = line.split("#", 1)[0].replace(",", " ").split()
+        if not tokens:
+            continue
+        try:
+            rgb = [int(t) for t in tokens]
+        except ValueError:
+            rgb = []
+        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+            raise LayoutError(f"{path}:{number}: expected 'r g b' with values 0..255, got {line.strip()!r}")
+        rows.append(rgb)
+    return np.asarray(rows, dtype=np.uint8).reshape(-1, 3)
+
+
+def _stems(folder: Path, suffixes: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """``{stem: file name}`` of the files in ``folder`` with one of ``suffixes`` and the stems that occur twice."""
+    found: dict[str, str] = {}
+    twice = []
+    for name in sorted(list_dir(folder)):
+        stem, dot, suffix = name.rpartition(".")
+        if not dot or "." + suffix.lower() not in suffixes:
+            continue
+        if stem in found:
+            twice.append(f"{folder / found[stem]} and {folder / name} share the name {stem!r}")
+            continue
+        found[stem] = name
+    return found, twice
+
+
+def _split(base: Path, split: str, problems: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    images, twice = _stems(base / "images" / split, IMAGE_SUFFIXES)
+    masks, _ = _stems(base / "masks" / split, (MASK_SUFFIX,))
+    problems += twice
+    problems += [f"{base / 'masks' / split / masks[s]}: mask without an image (no images/{split}/{s}.jpg|png)"
+                 for s in sorted(set(masks) - set(images))]
+    ids = sorted(images)
+    entries = [(f"images/{split}/{images[s]}", f"masks/{split}/{masks[s]}" if s in masks else None) for s in ids]
+    return entries, ids
+
+
+def load_folder(root: str | Path | None, *, num_classes: int, ignore_index: int = 255) -> tuple[FileSource, FileSource]:
+    """(train, val) sources under ``root``. Each carries ``layout_problems``: masks without images and
+    images that share a name (reported by the check command; training refuses to start on them)."""
+    names = read_classes(root)
+    base = Path(str(root)).expanduser()
+    if len(names) != num_classes:
+        raise LayoutError(f"folder: {base / 'classes.txt'} names {len(names)} classes but dataset.num_classes="
+                          f"{num_classes}; leave dataset.num_classes unset (it is read from classes.txt)")
+    for sub in ("images/train", "images/val", "masks/val"):
+        if not (base / sub).is_dir():
+            raise _layout_error(f"missing {base / sub}", root)
+    lut = identity_lut(num_classes, ignore_index)
+    sources = []
+    for split in ("train", "val"):
+        problems: list[str] = []
+        entries, ids = _split(base, split, problems)
+        if not entries:
+            raise _layout_error(f"no images (*.jpg, *.jpeg, *.png) in {base / 'images' / split}", root)
+        if split == "val":
+            unlabeled = [img for img, mask in entries if mask is None]
+            if unlabeled:
+                raise _layout_error(f"{len(unlabeled)} validation images have no mask in {base / 'masks/val'}, "
+                                    f"the first is {base / unlabeled[0]}", root)
+        elif not any(mask is not None for _, mask in entries):
+            raise _layout_error(f"no training image has a mask in {base / 'masks/train'} (nothing to learn from)", root)
+        source = FileSource(base, entries, ids, luts=[lut], ignore_index=ignore_index)
+        source.layout_problems = problems
+        sources.append(source)
+    return sources[0], sources[1]
