@@ -163,6 +163,9 @@ class SegNetConfig:
     dropout: float = 0.5  # inside ASPP / decoder
     classifier_dropout: float = 0.1
     consistency_stride: int = 8  # stride of the features that enter the consistency loss
+    # align_corners of every bilinear resize in the network (ASPP pooling, decoder, PSP bins, logits; used by
+    # training, evaluation and prediction alike). true: the authors' code; false: torch's default
+    align_corners: bool = True
 
 
 @dataclass
@@ -226,6 +229,9 @@ class TrainerConfig:
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the backbone and the head
+    # CAC: false = each unlabeled view its own forward (own BN statistics), as the authors; true = both views
+    # as one batch of 2B crops (faster; BN statistics over both views, not the authors' step)
+    views_in_one_pass: bool = False
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     runs_root: str = "runs"  # run directories live under <launch dir>/<runs_root>/
     progress: bool = True

@@ -145,7 +145,7 @@ def fit(
         model.head.compile()
     optimizer = build_optimizer(cfg, model)
     scheduler = poly_scheduler(optimizer, tc.max_steps, cfg.optim.poly_power)
-    branch = ConsistencyBranch(cfg.loss) if method is Method.cac else None
+    branch = ConsistencyBranch(cfg.loss, views_in_one_pass=tc.views_in_one_pass) if method is Method.cac else None
     autocast = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast is not None and str(tc.precision).endswith("fp16"))
 
