@@ -1,9 +1,12 @@
 """Training-step breakdown on the demo config: data, forward, loss, backward, optimizer; semi / supervised ratio.
 
-    python benchmarks/step_bench.py [--steps 20] [--threads 2] [--profile] [hydra overrides ...]
+    python benchmarks/step_bench.py [--steps 20] [--threads 2] [--repeats 3] [--profile] [hydra overrides ...]
 
-Prints per-phase medians (seconds) for a supervised-only step and a CAC step (row VIII), the ratio of
-their totals, and with --profile the top operators of one CAC step (torch.profiler).
+Prints per-phase medians (seconds) for a supervised-only step and a CAC step (row VIII) in both ways of
+normalising the unlabeled views (``trainer.view_bn``): ``per_view`` (each view its own BN statistics, the
+authors' step, the default) and ``shared`` (statistics over both views); the semi / supervised ratio of each, per repeat
+(the three measurements of a repeat are interleaved, so that load changes hit them alike) and their
+median and spread; with --profile the top operators of one CAC step (torch.profiler).
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ from dcc.optim import build_optimizer  # noqa: E402
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def measure(cfg, semi: bool, steps: int, profile: bool = False) -> dict[str, float]:
+def measure(cfg, semi: bool, steps: int, profile: bool = False, shared_bn: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     device = torch.device("cpu")
     data = build_data(cfg)
     model = build_model(cfg).train()
     optimizer = build_optimizer(cfg, model)
-    branch = ConsistencyBranch(cfg.loss)
+    branch = ConsistencyBranch(cfg.loss, shared_bn=shared_bn)
     lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=0, device=device))
     unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=0, device=device))
     phases: dict[str, list[float]] = {k: [] for k in ("data", "forward_sup", "forward_unsup_and_loss", "backward", "optimizer")}
@@ -79,19 +82,31 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--profile", action="store_true")
     args, overrides = parser.parse_known_args()
     torch.set_num_threads(args.threads)
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=quote_split_overrides(["logger=none", *overrides]))
-    sup = measure(cfg, semi=False, steps=args.steps)
-    semi = measure(cfg, semi=True, steps=args.steps, profile=args.profile)
-    print(f"threads={args.threads} steps={args.steps} overrides={overrides}")
-    print(f"{'phase':<24}{'supervised s':>14}{'CAC s':>10}")
-    for k in sup:
-        print(f"{k:<24}{sup[k]:>14.4f}{semi[k]:>10.4f}")
-    print(f"semi / supervised step time: {semi['total'] / sup['total']:.2f}")
+    modes = {"per_view": False, "shared": True}  # trainer.view_bn
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
+    print(f"threads={args.threads} steps={args.steps} repeats={args.repeats} overrides={overrides}")
+    for r in range(args.repeats):
+        sup = measure(cfg, semi=False, steps=args.steps)
+        semi = {m: measure(cfg, semi=True, steps=args.steps, shared_bn=p, profile=args.profile and r == 0)
+                for m, p in modes.items()}
+        print(f"repeat {r + 1}")
+        print(f"{'phase':<24}{'supervised s':>14}" + "".join(f"{'CAC ' + m + ' s':>18}" for m in modes))
+        for k in sup:
+            print(f"{k:<24}{sup[k]:>14.4f}" + "".join(f"{semi[m][k]:>18.4f}" for m in modes))
+        for m in modes:
+            ratios[m].append(semi[m]["total"] / sup["total"])
+        print("semi / supervised step time: " + ", ".join(f"{m} {ratios[m][-1]:.2f}" for m in modes))
+    for m in modes:
+        vals = ratios[m]
+        print(f"{m}: semi / supervised median {statistics.median(vals):.2f} (min {min(vals):.2f}, max {max(vals):.2f}, "
+              f"{len(vals)} repeats)")
 
 
 if __name__ == "__main__":

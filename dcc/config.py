@@ -65,6 +65,11 @@ class Precision(Choice):
     fp16 = "fp16"
 
 
+class ViewBN(Choice):
+    per_view = "per_view"  # each unlabeled view normalised with its own BN statistics, as the authors' separate calls
+    shared = "shared"  # BN statistics over both views (2B crops): not the authors' step
+
+
 class DistBackend(Choice):
     auto = "auto"  # nccl on GPUs, gloo on CPU
     nccl = "nccl"
@@ -229,9 +234,7 @@ class TrainerConfig:
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the backbone and the head
-    # CAC: false = each unlabeled view its own forward (own BN statistics), as the authors; true = both views
-    # as one batch of 2B crops (faster; BN statistics over both views, not the authors' step)
-    views_in_one_pass: bool = False
+    view_bn: ViewBN = ViewBN.per_view  # CAC: BN statistics of the two unlabeled views (see dcc/consistency.py)
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     runs_root: str = "runs"  # run directories live under <launch dir>/<runs_root>/
     progress: bool = True

@@ -4,11 +4,13 @@
 row I) for one batch of unlabeled pairs, and with ``loss.weak=true`` also ``L_w`` of Eq. 10-11 from the
 same forward passes (the image-level classifier C_w on each view's features, against the image's labels).
 
-Forward of the views (``trainer.views_in_one_pass``). By default each view goes through the network in
-its own call, as in the authors' code (labeled batch, view 1 and view 2: three calls), so that in
-training mode every call normalises with its own batch-norm statistics. ``views_in_one_pass=true``
-forwards both views as one batch of 2B crops: faster on a GPU, but the BN statistics are then those of
-the 2B crops (not the authors' step). Without BN in training mode (frozen BN) both give the same step.
+Batch-norm statistics of the views (``trainer.view_bn``). The authors forward the labeled batch, view 1
+and view 2 in three separate encoder calls, so in training mode each view is normalised with its own batch
+statistics. ``per_view`` (default) gives exactly that: both views go through the network as one batch of 2B
+crops, but every BN layer normalises each view's half with its own statistics (``dcc.models.grouped_bn``),
+the same outputs, gradients and running statistics as two calls at the cost of about one. ``shared`` lets
+BN compute its statistics over all 2B crops (not the authors' step; a little faster still). With BN frozen
+(eval mode) both are the same step.
 
 Anchors are the overlap cells inside the real image of both views (``dcc.overlap``); negatives are drawn
 from every cell of both views' maps, padded cells included, as the authors do.
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from dcc.bank import NegativeBank, sample_negatives
 from dcc.losses import directional_contrastive_loss, l2_alignment_loss, weak_classification_loss
+from dcc.models.grouped_bn import per_group_batch_norm
 from dcc.models.segmentor import Segmentor
 from dcc.overlap import overlap_pairs
 
@@ -40,9 +43,9 @@ class ViewOutputs:
 
 
 class ConsistencyBranch:
-    def __init__(self, loss_cfg: Any, *, views_in_one_pass: bool = False) -> None:
+    def __init__(self, loss_cfg: Any, *, shared_bn: bool = False) -> None:
         self.cfg = loss_cfg
-        self.views_in_one_pass = views_in_one_pass
+        self.shared_bn = shared_bn
         self.bank = NegativeBank(loss_cfg.bank_steps)
 
     def __call__(self, model: Segmentor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -56,11 +59,11 @@ class ConsistencyBranch:
         return terms | self._consistency(model, v1, v2, batch)
 
     def view_outputs(self, model: Segmentor, batch: dict[str, Tensor]) -> tuple[ViewOutputs, ViewOutputs]:
-        """Forward view 1 and view 2: two calls (default, the authors' BN statistics) or one call on both."""
-        if self.views_in_one_pass:
-            feats = model.features(torch.cat([batch["view1"], batch["view2"]])).chunk(2)
-        else:
-            feats = (model.features(batch["view1"]), model.features(batch["view2"]))
+        """Forward view 1 and view 2 in one pass: each with its own BN statistics (default, the authors'), or
+        with statistics shared over both (``shared_bn``)."""
+        views = torch.cat([batch["view1"], batch["view2"]])
+        with per_group_batch_norm(model, 1 if self.shared_bn else 2):
+            feats = model.features(views).chunk(2)
         return tuple(ViewOutputs(f, *model.consistency_outputs(f)) for f in feats)  # type: ignore[return-value]
 
     def _consistency(self, model: Segmentor, v1: ViewOutputs, v2: ViewOutputs, batch: dict[str, Tensor]

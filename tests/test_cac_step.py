@@ -1,7 +1,7 @@
 """One CAC training step as the paper and the authors' released code define it (issue 10).
 
-* BN statistics: each unlabeled view goes through the network in its own call (authors: labeled batch, view 1,
-  view 2), so in training mode its features are those of the view forwarded alone.
+* BN statistics: the authors forward the labeled batch, view 1 and view 2 in separate calls, so in training mode
+  each view's features (and gradients, and the BN running statistics) are those of the view forwarded alone.
 * A reference of the whole step written from the paper (Eq. 1-8) and ``shared/paper/authors-code-facts.md``,
   independently of ``dcc.overlap`` / ``dcc.losses`` / ``dcc.consistency``: cell correspondences by brute force
   from image coordinates, the loss dense over every (anchor, negative) pair in float64. The step's CE, L_dc and
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -38,52 +39,72 @@ def _views(batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
             "view2": torch.randn(batch, 3, CROP, CROP, generator=g) * 2 + 1}  # other statistics than view 1
 
 
+def _bn_state(model) -> list[torch.Tensor]:
+    return [t.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+            for t in (m.running_mean, m.running_var)]
+
+
 def test_views_forwarded_the_authors_way_have_their_own_bn_statistics():
-    """Training mode, BN live: the branch's features of each view equal that view forwarded alone (the authors'
-    separate encoder calls); the one-pass option (both views as one batch) gives other features."""
+    """Training mode, BN live: the branch's features, projections and logits of each view, the gradients of a loss
+    on them and the BN running statistics after the pass equal those of the authors' separate calls (view 1 alone,
+    then view 2 alone). ``trainer.view_bn=shared`` (statistics over both views) gives other features."""
+    loss_cfg = compose_cfg(SMALL).loss
+    batch = _views()
     torch.manual_seed(0)
     model = build_model(compose_cfg(SMALL + NO_DROPOUT)).train()
-    batch = _views()
-    with torch.no_grad():
-        alone = [model.features(batch["view1"]), model.features(batch["view2"])]
-        ours = ConsistencyBranch(compose_cfg(SMALL).loss).view_outputs(model, batch)
-        shared = ConsistencyBranch(compose_cfg(SMALL).loss, views_in_one_pass=True).view_outputs(model, batch)
+    start = copy.deepcopy(model.state_dict())
+
+    alone = [model.features(batch["view1"]), model.features(batch["view2"])]
+    sum(((i + 1) * f).square().mean() for i, f in enumerate(alone)).backward()
+    grads_alone = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    running_alone = _bn_state(model)
+
+    model.load_state_dict(start)
+    model.zero_grad()
+    ours = ConsistencyBranch(loss_cfg).view_outputs(model, batch)
+    sum(((i + 1) * v.feats).square().mean() for i, v in enumerate(ours)).backward()
+    grads_ours = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     for v, a in zip(ours, alone):
-        torch.testing.assert_close(v.feats, a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(v.feats, a, rtol=1e-5, atol=1e-6)
         phi, logits = model.consistency_outputs(a)
-        torch.testing.assert_close(v.phi, phi, rtol=0, atol=1e-6)
-        torch.testing.assert_close(v.logits, logits, rtol=0, atol=1e-6)
-    for v, a in zip(shared, alone):
-        assert (v.feats - a).abs().max() > 1e-2  # statistics over both views: not the authors' step
-    # with BN in eval mode (no batch statistics) the two ways agree
-    model.eval()
+        torch.testing.assert_close(v.phi, phi, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v.logits, logits, rtol=1e-5, atol=1e-6)
+    assert len(grads_ours) == len(grads_alone) > 50
+    for a, b in zip(grads_ours, grads_alone):  # float rounding of convolutions over 3 vs 6 images
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (a - b).abs().max() / b.abs().max()
+    for a, b in zip(_bn_state(model), running_alone):  # updated view after view, as two calls do
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
     with torch.no_grad():
-        for a, b in zip(ConsistencyBranch(compose_cfg(SMALL).loss).view_outputs(model, batch),
-                        ConsistencyBranch(compose_cfg(SMALL).loss, views_in_one_pass=True).view_outputs(model, batch)):
-            torch.testing.assert_close(a.feats, b.feats, rtol=1e-5, atol=1e-5)
+        shared = ConsistencyBranch(loss_cfg, shared_bn=True).view_outputs(model, batch)
+        for v, a in zip(shared, alone):
+            assert (v.feats - a).abs().max() > 1e-2  # statistics over both views: not the authors' step
+        model.eval()  # with BN frozen (no batch statistics) the two agree
+        for a, b in zip(ConsistencyBranch(loss_cfg).view_outputs(model, batch),
+                        ConsistencyBranch(loss_cfg, shared_bn=True).view_outputs(model, batch)):
+            torch.testing.assert_close(a.feats, b.feats, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("one_pass, expected", [(False, [4, 4, 4]), (True, [4, 8])])
-def test_training_forwards_labeled_batch_and_views_as_configured(tiny_overrides, tmp_path, monkeypatch, one_pass,
-                                                                 expected):
-    """``fit`` (the real training loop) calls the network once per labeled batch and once per view by default;
-    ``trainer.views_in_one_pass=true`` forwards the two views as one batch."""
+@pytest.mark.parametrize("view_bn, sizes", [("per_view", {4}), ("shared", {4, 8})])
+def test_training_normalises_labeled_batch_and_each_view_alone(tiny_overrides, tmp_path, monkeypatch, view_bn, sizes):
+    """In ``fit`` (the real training loop: 4 labeled images, 4 pairs) no batch-norm layer computes statistics over
+    more than one batch of 4: the labeled batch, view 1 and view 2 each alone; ``trainer.view_bn=shared`` normalises
+    the 8 crops of both views together."""
     from dcc.data.build import build_data
-    from dcc.models.segmentor import Segmentor
     from dcc.train import fit
 
-    sizes: list[int] = []
-    original = Segmentor.features
+    seen: set[int] = set()
+    original = F.batch_norm
 
-    def spy(self, x):  # noqa: ANN001, ANN202
-        if self.training:
-            sizes.append(x.shape[0])
-        return original(self, x)
+    def spy(x, running_mean, running_var, weight=None, bias=None, training=False, *args, **kwargs):  # noqa: ANN001, ANN202
+        if training:
+            seen.add(x.shape[0])
+        return original(x, running_mean, running_var, weight, bias, training, *args, **kwargs)
 
-    monkeypatch.setattr(Segmentor, "features", spy)
+    monkeypatch.setattr(F, "batch_norm", spy)
+    assert str(compose_cfg(tiny_overrides).trainer.view_bn) == "per_view"  # the default (digits and paper presets)
     cfg = compose_cfg(tiny_overrides + ["loss.start_step=0", "trainer.max_steps=1", "trainer.eval_every=1",
-                                        f"trainer.views_in_one_pass={one_pass}"])
-    assert compose_cfg(tiny_overrides).trainer.views_in_one_pass is False  # the default (digits and paper presets)
+                                        f"trainer.view_bn={view_bn}"])
 
     class _NoTracker:
         def log_metrics(self, *a, **k):  # noqa: ANN002, ANN003, ANN201
@@ -93,7 +114,7 @@ def test_training_forwards_labeled_batch_and_views_as_configured(tiny_overrides,
             pass
 
     fit(cfg, build_data(cfg), torch.device("cpu"), _NoTracker(), Path(tmp_path / "state"))
-    assert sizes == expected
+    assert seen == sizes
 
 
 # ---------------------------------------------------------------- reference step
