@@ -9,7 +9,7 @@ and view 2 in three separate encoder calls, so in training mode each view is nor
 statistics. ``per_view`` (default) gives exactly that: both views go through the network as one batch of 2B
 crops, but every BN layer normalises each view's half with its own statistics (``dcc.models.grouped_bn``),
 the same outputs, gradients and running statistics as two calls at the cost of about one. ``shared`` lets
-BN compute its statistics over all 2B crops (not the authors' step; a little faster still). With BN frozen
+BN compute its statistics over all 2B crops (not the authors' step; no faster on CPU, see the README). With BN frozen
 (eval mode) both are the same step.
 
 Anchors are the overlap cells inside the real image of both views (``dcc.overlap``); negatives are drawn
@@ -18,6 +18,7 @@ from every cell of both views' maps, padded cells included, as the authors do.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,7 @@ class ConsistencyBranch:
         """Forward view 1 and view 2 in one pass: each with its own BN statistics (default, the authors'), or
         with statistics shared over both (``shared_bn``)."""
         views = torch.cat([batch["view1"], batch["view2"]])
-        with per_group_batch_norm(model, 1 if self.shared_bn else 2):
+        with contextlib.nullcontext() if self.shared_bn else per_group_batch_norm(model, 2):
             feats = model.features(views).chunk(2)
         return tuple(ViewOutputs(f, *model.consistency_outputs(f)) for f in feats)  # type: ignore[return-value]
 
