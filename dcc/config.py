@@ -67,6 +67,11 @@ class Precision(Choice):
     fp16 = "fp16"
 
 
+class ViewBN(Choice):
+    per_view = "per_view"  # each unlabeled view normalised with its own BN statistics, as the authors' separate calls
+    shared = "shared"  # BN statistics over both views (2B crops): not the authors' step
+
+
 class DistBackend(Choice):
     auto = "auto"  # nccl on GPUs, gloo on CPU
     nccl = "nccl"
@@ -165,6 +170,9 @@ class SegNetConfig:
     dropout: float = 0.5  # inside ASPP / decoder
     classifier_dropout: float = 0.1
     consistency_stride: int = 8  # stride of the features that enter the consistency loss
+    # align_corners of every bilinear resize in the network (ASPP pooling, decoder, PSP bins, logits; used by
+    # training, evaluation and prediction alike). true: the authors' code; false: torch's default
+    align_corners: bool = True
 
 
 @dataclass
@@ -231,6 +239,7 @@ class TrainerConfig:
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the backbone and the head
+    view_bn: ViewBN = ViewBN.per_view  # CAC: BN statistics of the two unlabeled views (see dcc/consistency.py)
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     runs_root: str = "runs"  # run directories live under <launch dir>/<runs_root>/
     progress: bool = True

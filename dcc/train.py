@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dcc import checkpoint as ckpt
 from dcc import distributed as ddp
-from dcc.config import Method, Precision
+from dcc.config import Method, Precision, ViewBN
 from dcc.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
 from dcc.evaluate import eval_options, evaluate
@@ -145,7 +145,7 @@ def fit(
         model.head.compile()
     optimizer = build_optimizer(cfg, model)
     scheduler = poly_scheduler(optimizer, tc.max_steps, cfg.optim.poly_power)
-    branch = ConsistencyBranch(cfg.loss) if method is Method.cac else None
+    branch = ConsistencyBranch(cfg.loss, shared_bn=ViewBN[str(tc.view_bn)] is ViewBN.shared) if method is Method.cac else None
     autocast = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast is not None and str(tc.precision).endswith("fp16"))
 
