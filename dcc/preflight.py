@@ -9,6 +9,7 @@ layout is checked by building the data, which ``dcc.app`` does before creating a
 from __future__ import annotations
 
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,10 +33,11 @@ def check_resolves(cfg: Any) -> None:
     except (InterpolationResolutionError, MissingMandatoryValue) as exc:
         key = getattr(exc, "full_key", None) or "?"
         msg = str(getattr(exc, "msg", exc)).splitlines()[0]
-        hint = ""
-        if "Environment variable" in msg:
-            hint = f" (export it, or set {key}=... on the command line)"
-        raise PreflightError(f"{key}: {msg}{hint}") from exc
+        env = re.search(r"Environment variable '([^']+)' not found", msg)
+        if env:
+            msg = (f"environment variable {env[1]} is not set (the config reads {key} from it): export it, "
+                   f"or set {key}=... on the command line")
+        raise PreflightError(f"{key}: {msg}") from exc
 
 
 def check_weights(cfg: Any) -> None:

@@ -451,6 +451,17 @@ def _numeric(values: Sequence[str]) -> list[float] | None:
 
 
 def plot(report: Report, path: Path) -> Path:
+    """Write :func:`chart` to ``path`` (PNG)."""
+    fig = chart(report)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def chart(report: Report) -> Any:
     """Grouped bars (best mIoU, std over seeds as error bars where there are several seeds, paper numbers as
     black ticks), rows labelled by their switches (Proj+Context+CL+...); a line plot over the swept value
     when the column key is one numeric config key (a lambda, gamma or tau grid)."""
@@ -505,10 +516,7 @@ def plot(report: Report, path: Path) -> Path:
     if len(report.cols) > 1 or report.has_paper or numeric is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def summary_metrics(report: Report) -> dict[str, float]:

@@ -75,7 +75,9 @@ def decide(run_dir: Path, mode: str) -> Decision:
         return Decision(
             "finished", result=result,
             message=(f"already finished: {run_dir} (final val mIoU {result['final_miou']:.4f}, best "
-                     f"{result['best_miou']:.4f} after {result['steps']} steps); not training it again "
+                     f"{result['best_miou']:.4f} after {result['steps']} steps"
+                     + (f", MLflow run {result['mlflow_run_id']}" if result.get("mlflow_run_id") else "")
+                     + "); not training it again "
                      "(trainer.resume=restart trains it from scratch)"),
         )
     if found:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,20 @@ def save_prediction_grid(
     samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], mean: Sequence[float], std: Sequence[float],
     path: str | Path, class_names: Sequence[str] | None = None, ignore_index: int = 255,
 ) -> Path:
+    """Write :func:`prediction_grid` to ``path`` (PNG)."""
+    fig = prediction_grid(samples, mean, std, class_names, ignore_index)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def prediction_grid(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], mean: Sequence[float], std: Sequence[float],
+    class_names: Sequence[str] | None = None, ignore_index: int = 255,
+) -> Any:
     """One row per sample: image, ground truth, prediction; below them a legend of the colours of the
     classes that appear (named by ``class_names``, else ``class <index>``; ``ignore_index`` as "ignore")."""
     import matplotlib
@@ -60,7 +74,4 @@ def save_prediction_grid(
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, legend_h / (2 * rows + legend_h), 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return fig
