@@ -89,6 +89,18 @@ class LoggerName(Choice):
     none = "none"
 
 
+class CheckpointLog(Choice):
+    """What of the final checkpoint goes to MLflow (the run directory always keeps the full one)."""
+
+    off = "off"  # nothing
+    weights = "weights"  # the model weights only (checkpoint/model.pt; what task=predict needs)
+    full = "full"  # last.pt with the optimizer, scheduler, bank and RNG state (about 3x the weights with AdamW)
+
+
+# trainer.resume: what a run does with what its run directory already holds (see dcc/resume.py).
+RESUME_CHOICES = ("auto", "true", "restart", "false")
+
+
 @dataclass
 class ScenesConfig:
     """Generator of the embedded digits dataset (ignored by real datasets)."""
@@ -230,7 +242,10 @@ class TrainerConfig:
     eval_batch_size: int = 1
     log_every: int = 20
     checkpoint_every: int = 1157
-    resume: bool = False
+    # auto: continue a checkpoint found in the run directory, report a finished run without training again;
+    # true: the same, and say so when there is no checkpoint; restart (or false): move the previous run
+    # aside (run directory renamed, never deleted) and start from step 0.
+    resume: str = "auto"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under several processes: cuda:LOCAL_RANK)
     devices: int = 1  # processes (GPUs) per machine; > 1: data-parallel training, see dcc/distributed.py
@@ -251,7 +266,7 @@ class LoggerConfig:
     name: LoggerName = LoggerName.mlflow
     tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
     experiment: str = "${dataset.name}"
-    log_checkpoint: bool = True
+    log_checkpoint: CheckpointLog = CheckpointLog.weights  # off | weights (model only) | full (last.pt)
 
 
 @dataclass
@@ -331,6 +346,10 @@ def validate(cfg: Any) -> None:
     _check(
         cfg.split.unlabeled_list is None or cfg.split.labeled_list is not None,
         "split.unlabeled_list needs split.labeled_list (the unlabeled images are otherwise every image not labeled)",
+    )
+    _check(
+        str(cfg.trainer.resume).lower() in RESUME_CHOICES,
+        f"trainer.resume must be one of auto, true, restart (false = restart), got {cfg.trainer.resume!r}",
     )
     _check(cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}")
     _check(cfg.trainer.batch_size > 0, f"trainer.batch_size must be > 0, got {cfg.trainer.batch_size}")

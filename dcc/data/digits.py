@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcc.data.cache import read_npz
 from dcc.data.datasets import ArraySource
 
 __all__ = ["ArraySource", "NUM_CLASSES", "generate_digit_scenes", "load_digit_scenes"]
@@ -225,9 +226,8 @@ def load_digit_scenes(
     }
     directory = Path(cache_dir)
     path = _cache_path(directory, params)
-    if path.exists():
-        with np.load(path) as data:
-            return {name: data[name] for name in data.files}
+    if (cached := read_npz(path)) is not None:  # a damaged cache is named, deleted and regenerated
+        return cached
 
     arrays = generate_digit_scenes(
         num_train=params["num_train"],
