@@ -1,10 +1,17 @@
-"""What ``run.py`` does with a composed config: validate, then summarise or train and report."""
+"""What ``run.py`` does with a composed config: check, then summarise, predict, or train and report.
+
+Training: every check first (dcc/preflight.py, then the data), then what the run directory holds decides
+(dcc/resume.py: continue, report a finished run, or start over), then the MLflow run and the directory.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -13,9 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dcc import distributed as ddp
-from dcc.config import Method, validate
-from dcc.preemption import requeued
-from dcc.tracking import NullTracker, flatten, git_commit, make_tracker
+from dcc import preflight, resume
+from dcc.config import CheckpointLog, ConfigError, Method, validate
+from dcc.tracking import (PARENT_RUN_ENV, SWEPT_KEYS_ENV, NullTracker, default_tracking_uri, flatten, git_commit,
+                          make_tracker)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +53,44 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return conv(OmegaConf.to_container(cfg, resolve=True))
 
 
-def run_name(cfg: DictConfig) -> str:
+def _dir_stem(cfg: DictConfig) -> str:
     return f"{cfg.loss.preset}-{cfg.split.name}-s{cfg.trainer.seed}"
+
+
+def swept_values(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(key, value)`` of this job's overrides that its sweep varies (keys from :data:`SWEPT_KEYS_ENV`, set by
+    the sweep callback); empty outside a sweep."""
+    keys = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
+    if not keys:
+        return []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - not under Hydra
+        return []
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in keys and key not in _NAMED_KEYS:
+            out.append((key, value.strip("'\"")))
+    return out
+
+
+_NAMED_KEYS = ("loss", "loss.preset", "split", "split.name", "backbone", "backbone.name", "trainer.seed")
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The MLflow run name: preset, split, backbone, seed and the values the sweep varies
+    (``ablation_viii-1_8-resnet50-s42-weight=0.3``)."""
+    from dcc.report import short
+
+    name = f"{cfg.loss.preset}-{cfg.split.name}-{cfg.backbone.name}-s{cfg.trainer.seed}"
+    for key, value in swept_values(cfg):
+        group = "." not in key  # a config group (segnet=pspnet): its option says it all
+        name += f"-{short(value)}" if group else f"-{key.rsplit('.', 1)[-1]}={short(value)}"
+    return name
 
 
 def run_dir_for(cfg: DictConfig, launch_dir: Path) -> Path:
@@ -56,7 +100,7 @@ def run_dir_for(cfg: DictConfig, launch_dir: Path) -> Path:
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
     root = Path(cfg.trainer.runs_root)
     root = root if root.is_absolute() else launch_dir / root
-    return root / str(cfg.logger.experiment) / f"{run_name(cfg)}-{digest}"
+    return root / str(cfg.logger.experiment) / f"{_dir_stem(cfg)}-{digest}"
 
 
 def summary(cfg: DictConfig) -> str:
@@ -77,13 +121,20 @@ def _tags(cfg: DictConfig, launch_dir: Path) -> dict[str, str]:
 
 
 def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
-    """Validate ``cfg``; print the parameter summary or train. Returns the final validation mIoU."""
-    validate(cfg)
+    """Check ``cfg``; print the parameter summary, predict, or train. Returns the final validation mIoU.
+
+    Everything checkable is checked before a run directory or an MLflow run exists (dcc/preflight.py).
+    """
     launch_dir = (launch_dir or Path.cwd()).resolve()
-    if str(cfg.task) == "summary":
+    task = str(cfg.task)
+    if task in ("summary", "predict"):  # no ImageNet weights: counting needs none, a checkpoint has them all
+        cfg.backbone.weights, cfg.backbone.pretrained = None, False
+    preflight.check_resolves(cfg)
+    validate(cfg)
+    if task == "summary":
         print(summary(cfg), flush=True)
         return 0.0
-    if str(cfg.task) == "predict":
+    if task == "predict":
         from dcc.predict import run_predict
 
         run_predict(cfg, launch_dir)
@@ -91,10 +142,14 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
 
     from dcc.train import resolve_device
 
+    preflight.check(cfg, launch_dir, run_dir_for(cfg, launch_dir))
     if ddp.requested(cfg) > 1 and not ddp.launched():
         if cfg.trainer.nodes > 1:
-            raise ValueError(f"trainer.nodes={cfg.trainer.nodes} needs a launcher that starts the processes on every "
-                             "machine: hydra/launcher=slurm, or torchrun on each node")
+            raise ConfigError(f"trainer.nodes={cfg.trainer.nodes} needs a launcher that starts the processes on every "
+                              "machine: hydra/launcher=slurm, or torchrun on each node")
+        from dcc.data.build import load_sources
+
+        load_sources(cfg)  # the dataset layout, checked here once rather than in every process
         # One machine, no launcher: start trainer.devices processes, each of which runs this function.
         return ddp.spawn(run, cfg, launch_dir, nprocs=cfg.trainer.devices)
     if cfg.trainer.threads:
@@ -103,50 +158,99 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
         return _train(cfg, launch_dir, device)
 
 
+def _adopt(cfg: DictConfig, launch_dir: Path, run_id: str | None) -> None:
+    """A finished run met again inside a sweep joins that sweep's parent run (so its table is complete)."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent or not run_id or str(getattr(cfg.logger.name, "name", cfg.logger.name)) == "none":
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=cfg.logger.tracking_uri or default_tracking_uri(launch_dir)).set_tag(
+            run_id, "mlflow.parentRunId", parent)
+    except Exception as exc:  # noqa: BLE001 - grouping is a convenience
+        log.warning("could not add the finished run %s to this sweep (%s)", run_id, exc)
+
+
+def _drop_if_empty(run_dir: Path, created: bool) -> None:
+    """A run directory made by this attempt that holds no checkpoint yet is removed when the attempt fails."""
+    if created and ddp.is_main() and run_dir.exists() and not any(run_dir.rglob("*.pt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _log_checkpoint(cfg: DictConfig, tracker: Any, run_dir: Path, model: torch.nn.Module) -> None:
+    """``logger.log_checkpoint``: off, weights (the model's state dict, ``checkpoint/model.pt``) or full (``last.pt``)."""
+    what = CheckpointLog[str(getattr(cfg.logger.log_checkpoint, "name", cfg.logger.log_checkpoint))]
+    if what is CheckpointLog.full:
+        tracker.log_artifact(run_dir / "last.pt", "checkpoint")
+    elif what is CheckpointLog.weights and not isinstance(tracker, NullTracker):
+        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+            path = Path(tmp) / "model.pt"
+            torch.save({"model": model.state_dict()}, path)
+            tracker.log_artifact(path, "checkpoint")
+
+
 def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
     from dcc.data.build import build_data
     from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
     from dcc.selftrain import self_train
     from dcc.train import fit
 
+    data = build_data(cfg)  # fails on missing/unreadable data before a run directory or an MLflow run exists
     run_dir = run_dir_for(cfg, launch_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = build_data(cfg)  # fails on missing/unreadable data before an MLflow run is created
+    decision = resume.decide(run_dir, resume.resume_mode(cfg))
+    ddp.barrier()  # every rank has looked before rank 0 moves anything
+    if ddp.is_main():
+        resume.apply(run_dir, decision)
+        if decision.message:
+            print(decision.message, flush=True)
+    ddp.barrier()
+    if decision.action == "finished":
+        assert decision.result is not None
+        if ddp.is_main():
+            _adopt(cfg, launch_dir, decision.result.get("mlflow_run_id"))
+        return float(decision.result["final_miou"])
+
     tracker = make_tracker(cfg, launch_dir) if ddp.is_main() else NullTracker()  # only rank 0 talks to MLflow
     id_file = run_dir / "mlflow_run_id"
-    if requeued() and not cfg.trainer.resume:
-        log.info("SLURM requeued this job: resuming from its last checkpoint")
-        cfg.trainer.resume = True
-    previous = id_file.read_text().strip() if cfg.trainer.resume and id_file.exists() else None
+    previous = id_file.read_text().strip() if decision.action == "resume" and id_file.exists() else None
     manifest = split_manifest(cfg, data)
     tracker.start(
         run_id=previous, run_name=run_name(cfg), params=flatten(plain_config(cfg)) | manifest_params(manifest),
         tags=_tags(cfg, launch_dir), config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )
-    if tracker.run_id:
-        id_file.write_text(tracker.run_id)
-        if previous is None:
-            for path in write_split_manifest(manifest, run_dir / "split"):
-                tracker.log_artifact(path, "split")
-    log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images",
-             run_dir, len(data.labeled), len(data.unlabeled), len(data.val))
+    created = not run_dir.exists()
     try:
+        if ddp.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+        ddp.barrier()
+        if tracker.run_id:
+            id_file.write_text(tracker.run_id)
+            if previous is None:
+                for path in write_split_manifest(manifest, run_dir / "split"):
+                    tracker.log_artifact(path, "split")
+        log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images",
+                 run_dir, len(data.labeled), len(data.unlabeled), len(data.val))
         method = cfg.loss.method if isinstance(cfg.loss.method, Method) else Method[str(cfg.loss.method)]
         if method is Method.st:
             result = self_train(cfg, data, device, tracker, run_dir)
         else:
             result = fit(cfg, data, device, tracker, run_dir)
-        if cfg.logger.log_checkpoint:
-            tracker.log_artifact(run_dir / "last.pt", "checkpoint")
+        if ddp.is_main():
+            _log_checkpoint(cfg, tracker, run_dir, result.model)
     except (KeyboardInterrupt, SystemExit):
-        tracker.finish("KILLED")  # preempted or interrupted: trainer.resume=true (or a requeue) continues it
+        tracker.finish("KILLED")  # preempted or interrupted: the same command (or a requeue) continues it
+        _drop_if_empty(run_dir, created)
         raise
     except BaseException:
         tracker.finish("FAILED")
+        _drop_if_empty(run_dir, created)
         raise
     tracker.finish("FINISHED")
     if not ddp.is_main():
         return float(result.final_miou)
+    resume.write_result(run_dir, {"final_miou": float(result.final_miou), "best_miou": float(result.best_miou),
+                                  "steps": int(result.steps), "mlflow_run_id": tracker.run_id})
     print(f"final val mIoU: {result.final_miou:.4f} (best {result.best_miou:.4f}) after {result.steps} steps", flush=True)
     print(tracker.describe(), flush=True)
     print(f"run directory: {run_dir}", flush=True)

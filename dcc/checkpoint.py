@@ -1,13 +1,24 @@
-"""Atomic checkpoints: written to a temporary file in the same directory, then renamed over the old one."""
+"""Atomic checkpoints: written to a temporary file in the same directory, then renamed over the old one.
+
+A write killed half-way (``kill -9``, a node failure) leaves ``last.pt.<random>.tmp`` beside an intact
+``last.pt``; :func:`remove_stale_tmp` deletes such files at the next start.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit; names the file."""
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -29,7 +40,27 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - re-raised naming the file
-        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def peek(path: str | os.PathLike) -> dict[str, Any]:
+    """``step``, ``finished`` and ``best_miou`` of a checkpoint without reading its tensors (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - an old (non-zip) file: read it whole
+        state = load(path)
+    return {"step": int(state.get("step", 0)), "finished": bool(state.get("finished", False)),
+            "best_miou": state.get("best_miou")}
+
+
+def remove_stale_tmp(path: str | os.PathLike) -> list[Path]:
+    """Delete ``<path>.*.tmp`` left by a write that was killed (the checkpoint itself is intact); returns them."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(path.name + ".*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+        log.warning("removed %s, left by a checkpoint write that was interrupted", tmp)
+    return stale
 
 
 def rng_state() -> dict[str, Any]:

@@ -67,6 +67,11 @@ class Precision(Choice):
     fp16 = "fp16"
 
 
+class ViewBN(Choice):
+    per_view = "per_view"  # each unlabeled view normalised with its own BN statistics, as the authors' separate calls
+    shared = "shared"  # BN statistics over both views (2B crops): not the authors' step
+
+
 class DistBackend(Choice):
     auto = "auto"  # nccl on GPUs, gloo on CPU
     nccl = "nccl"
@@ -82,6 +87,18 @@ class Task(Choice):
 class LoggerName(Choice):
     mlflow = "mlflow"
     none = "none"
+
+
+class CheckpointLog(Choice):
+    """What of the final checkpoint goes to MLflow (the run directory always keeps the full one)."""
+
+    off = "off"  # nothing
+    weights = "weights"  # the model weights only (checkpoint/model.pt; what task=predict needs)
+    full = "full"  # last.pt with the optimizer, scheduler, bank and RNG state (about 3x the weights with AdamW)
+
+
+# trainer.resume: what a run does with what its run directory already holds (see dcc/resume.py).
+RESUME_CHOICES = ("auto", "true", "restart", "false")
 
 
 @dataclass
@@ -181,6 +198,9 @@ class SegNetConfig:
     dropout: float = 0.5  # inside ASPP / decoder
     classifier_dropout: float = 0.1
     consistency_stride: int = 8  # stride of the features that enter the consistency loss
+    # align_corners of every bilinear resize in the network (ASPP pooling, decoder, PSP bins, logits; used by
+    # training, evaluation and prediction alike). true: the authors' code; false: torch's default
+    align_corners: bool = True
 
 
 @dataclass
@@ -238,7 +258,10 @@ class TrainerConfig:
     eval_batch_size: int = 1
     log_every: int = 20
     checkpoint_every: int = 1157
-    resume: bool = False
+    # auto: continue a checkpoint found in the run directory, report a finished run without training again;
+    # true: the same, and say so when there is no checkpoint; restart (or false): move the previous run
+    # aside (run directory renamed, never deleted) and start from step 0.
+    resume: str = "auto"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under several processes: cuda:LOCAL_RANK)
     devices: int = 1  # processes (GPUs) per machine; > 1: data-parallel training, see dcc/distributed.py
@@ -247,6 +270,7 @@ class TrainerConfig:
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the backbone and the head
+    view_bn: ViewBN = ViewBN.per_view  # CAC: BN statistics of the two unlabeled views (see dcc/consistency.py)
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     runs_root: str = "runs"  # run directories live under <launch dir>/<runs_root>/
     progress: bool = True
@@ -258,7 +282,7 @@ class LoggerConfig:
     name: LoggerName = LoggerName.mlflow
     tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
     experiment: str = "${dataset.name}"
-    log_checkpoint: bool = True
+    log_checkpoint: CheckpointLog = CheckpointLog.weights  # off | weights (model only) | full (last.pt)
 
 
 @dataclass
@@ -338,6 +362,10 @@ def validate(cfg: Any) -> None:
     _check(
         cfg.split.unlabeled_list is None or cfg.split.labeled_list is not None,
         "split.unlabeled_list needs split.labeled_list (the unlabeled images are otherwise every image not labeled)",
+    )
+    _check(
+        str(cfg.trainer.resume).lower() in RESUME_CHOICES,
+        f"trainer.resume must be one of auto, true, restart (false = restart), got {cfg.trainer.resume!r}",
     )
     _check(cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}")
     _check(cfg.trainer.batch_size > 0, f"trainer.batch_size must be > 0, got {cfg.trainer.batch_size}")

@@ -46,7 +46,7 @@ def _resolve_device(name: str) -> torch.device:
 
 def load_model(cfg: Any, checkpoint: str | Path, device: torch.device) -> torch.nn.Module:
     """The configured model with the checkpoint's weights (no ImageNet weights are read: the checkpoint has all)."""
-    from dcc.checkpoint import load
+    from dcc.checkpoint import CheckpointError, load
     from dcc.models import build_model
 
     path = Path(checkpoint).expanduser()
@@ -66,7 +66,7 @@ def load_model(cfg: Any, checkpoint: str | Path, device: torch.device) -> torch.
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise RuntimeError(
+        raise CheckpointError(
             f"{path} does not fit the configured model (segnet={cfg.segnet.name}, backbone={cfg.backbone.name}, "
             f"dataset.num_classes={cfg.dataset.num_classes}; use the run's config): {str(exc)[:500]}"
         ) from exc

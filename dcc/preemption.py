@@ -1,8 +1,9 @@
-"""Checkpoint-then-exit on SIGTERM / SIGUSR1 / SIGUSR2 (SLURM preemption and time limits).
+"""Checkpoint-then-exit on SIGTERM / SIGUSR1 / SIGUSR2 (SLURM preemption and time limits) and SIGINT (Ctrl-C).
 
 The handler only records the signal; the training loop checkpoints at the next step boundary (a
 consistent state) and then hands the signal on: to the previous handler when there is one
-(submitit's, which requeues the job), else it exits. A requeued job resumes from that checkpoint.
+(submitit's, which requeues the job), else it exits with 128 + the signal number. A requeued job, or
+the same command run again, resumes from that checkpoint. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import threading
 from types import FrameType
 from typing import Any, Callable
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # SIGUSR2: submitit's default time-limit signal
+# SIGUSR2: submitit's default time-limit signal; SIGINT: Ctrl-C, treated like SIGTERM
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 def requeued() -> bool:
@@ -39,6 +41,8 @@ class PreemptionGuard:
         self._previous.clear()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the step boundary
         self.signum, self.frame = signum, frame
 
     @property
@@ -51,6 +55,6 @@ class PreemptionGuard:
         assert signum is not None
         previous: Callable | int | None = self._previous.get(signum)
         self.__exit__()
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, self.frame)
         raise SystemExit(128 + signum)

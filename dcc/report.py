@@ -45,6 +45,29 @@ SEED_KEYS = ("trainer/seed",)
 ROW_KEYS = ("loss/preset", "loss/method", "loss/proj", "loss/context", "loss/cl", "loss/dir", "loss/ns", "loss/pf",
             "loss/weak", "dataset/image_labels")
 SPLIT_KEYS = ("split/name", "split/fraction")
+
+# The switches of Table 3 (config key, column name), and each preset's, for runs that did not log them.
+SWITCHES = (("proj", "Proj"), ("context", "Context"), ("cl", "CL"), ("dir", "Dir"), ("ns", "NS"), ("pf", "PF"))
+PRESET_SWITCHES = {
+    "suponly": "", "st": "", "ablation_i": "Proj+Context", "ablation_ii": "Proj+Context+CL",
+    "ablation_iii": "Proj+Context+CL+Dir", "ablation_iv": "Proj+Context+CL+Dir+NS", "ablation_v": "Proj+Context+CL+NS+PF",
+    "ablation_vi": "Proj+CL+Dir+NS+PF", "ablation_vii": "Context+CL+Dir+NS+PF", "ablation_viii": "Proj+Context+CL+Dir+NS+PF",
+    "weakly": "Proj+Context+CL+Dir+NS+PF",
+}
+
+
+def switches_label(preset: str, params: dict[str, str]) -> str | None:
+    """``Proj+Context+CL+Dir+NS`` from a run's params (else the preset's known switches); no switch: the method."""
+    if all(f"loss/{k}" in params for k, _ in SWITCHES):
+        on = "+".join(name for k, name in SWITCHES if params[f"loss/{k}"].lower() == "true")
+    elif preset in PRESET_SWITCHES:
+        on = PRESET_SWITCHES[preset]
+    else:
+        return None
+    if not on:
+        method = params.get("loss/method", "st" if preset == "st" else "suponly")
+        return "self-training" if method == "st" else "supervised only"
+    return on + ("+weak" if params.get("loss/weak", "").lower() == "true" else "")
 IGNORED_PREFIXES = (
     "task", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
     "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
@@ -144,6 +167,7 @@ class Record:
     split: str
     start_time: int
     protocol: str = "aug"  # dataset.protocol (VOC)
+    switches: str | None = None  # Table 3's switches that are on (Proj+Context+...), for chart labels
 
 
 @dataclass
@@ -190,6 +214,11 @@ class Report:
     cols: list[tuple[tuple[str, str], ...]]
     notes: list[str] = field(default_factory=list)
     paper_label: str = "paper"
+    switches: dict[str, str] = field(default_factory=dict)  # row -> its switches (chart labels)
+
+    def row_label(self, row: str) -> str:
+        sw = self.switches.get(row)
+        return f"{row}\n{sw}" if sw else row
 
     @property
     def has_paper(self) -> bool:
@@ -272,7 +301,7 @@ def records_from_runs(runs: Iterable[Any], by: Sequence[str] | None = None) -> t
             run_id=r.info.run_id, row=tags["loss"], col=col, seed=tags.get("seed", p.get("trainer/seed", "?")),
             best=best, last=last, dataset=tags.get("dataset", "?"), segnet=tags.get("segnet", "?"),
             backbone=tags.get("backbone", "?"), split=split, start_time=int(r.info.start_time or 0),
-            protocol=p.get("dataset/protocol", "aug"),
+            protocol=p.get("dataset/protocol", "aug"), switches=switches_label(tags["loss"], p),
         )
         key = (rec.row, rec.col, rec.seed)
         if key not in latest or latest[key].start_time < rec.start_time:
@@ -310,7 +339,9 @@ def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = 
         if found:
             notes.append("no paper numbers: dataset/segnet/backbone " + ", ".join(found)
                          + " match no table of the paper (--paper always compares with Table 3 anyway)")
-    return Report(title=title, by=keys, cells=cells, rows=rows, cols=cols, notes=notes, paper_label=label)
+    switches = {r.row: r.switches for r in records if r.switches}
+    return Report(title=title, by=keys, cells=cells, rows=rows, cols=cols, notes=notes, paper_label=label,
+                  switches=switches)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,8 +451,20 @@ def _numeric(values: Sequence[str]) -> list[float] | None:
 
 
 def plot(report: Report, path: Path) -> Path:
-    """Grouped bars (best mIoU, std as error bars, paper numbers as black ticks); a line plot over the
-    swept value when the column key is one numeric config key (a lambda, gamma or tau grid)."""
+    """Write :func:`chart` to ``path`` (PNG)."""
+    fig = chart(report)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def chart(report: Report) -> Any:
+    """Grouped bars (best mIoU, std over seeds as error bars where there are several seeds, paper numbers as
+    black ticks), rows labelled by their switches (Proj+Context+CL+...); a line plot over the swept value
+    when the column key is one numeric config key (a lambda, gamma or tau grid)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -434,15 +477,19 @@ def plot(report: Report, path: Path) -> Path:
         for row in report.rows:
             pts = [(x, report.cell(row, col)) for x, col in zip(numeric, report.cols)]
             pts = [(x, c) for x, c in pts if c is not None]
-            ax.errorbar([x for x, _ in pts], [c.best_mean_std[0] for _, c in pts],
-                        yerr=[c.best_mean_std[1] for _, c in pts], marker="o", capsize=3, label=row)
+            line, = ax.plot([x for x, _ in pts], [c.best_mean_std[0] for _, c in pts], marker="o",
+                            label=report.row_label(row).replace("\n", ": "))
+            spread = [(x, c) for x, c in pts if c.n > 1]  # no error bar for a single seed
+            if spread:
+                ax.errorbar([x for x, _ in spread], [c.best_mean_std[0] for _, c in spread],
+                            yerr=[c.best_mean_std[1] for _, c in spread], fmt="none", capsize=3, color=line.get_color())
         if min(numeric) > 0 and max(numeric) / min(numeric) >= 20:
             ax.set_xscale("log")
         ax.set_xlabel(report.by[0])
     else:
         width = 0.8 / max(1, len(report.cols))
         for j, col in enumerate(report.cols):
-            xs, ys, errs, papers = [], [], [], []
+            xs, ys, spread, papers = [], [], [], []
             for i, row in enumerate(report.rows):
                 c = report.cell(row, col)
                 if c is None:
@@ -450,25 +497,45 @@ def plot(report: Report, path: Path) -> Path:
                 x = i - 0.4 + width * (j + 0.5)
                 xs.append(x)
                 ys.append(c.best_mean_std[0])
-                errs.append(c.best_mean_std[1])
+                if c.n > 1:  # no error bar for a single seed
+                    spread.append((x, *c.best_mean_std))
                 if c.paper is not None:
                     papers.append((x, c.paper))
-            ax.bar(xs, ys, width=width * 0.9, yerr=errs, capsize=2, label=col_label(col, report.by))
+            ax.bar(xs, ys, width=width * 0.9, label=col_label(col, report.by))
+            if spread:
+                ax.errorbar([x for x, _, _ in spread], [m for _, m, _ in spread], yerr=[s for _, _, s in spread],
+                            fmt="none", capsize=2, color="black", linewidth=0.8)
             if papers:
                 ax.scatter([x for x, _ in papers], [p for _, p in papers], marker="_", s=300, color="black",
                            zorder=3, label=report.paper_label if j == 0 else None)
         ax.set_xticks(range(len(report.rows)))
-        ax.set_xticklabels(report.rows, rotation=30, ha="right")
+        ax.set_xticklabels([report.row_label(r) for r in report.rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("best validation mIoU (%)")
     ax.set_title(report.title)
     ax.grid(axis="y", alpha=0.3)
     if len(report.cols) > 1 or report.has_paper or numeric is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def summary_metrics(report: Report) -> dict[str, float]:
+    """The table as MLflow metrics of the sweep's parent run (fractions, like the jobs' ``val/*_miou``):
+    ``mean_final_miou/<row>[/<column>]`` and ``mean_best_miou/...`` per cell (the column only when there are
+    several), ``best_mean_final_miou`` over the cells and ``finished_runs``."""
+    out: dict[str, float] = {}
+    for c in report.cells:
+        col = ""
+        if len(report.cols) > 1:
+            col = "/" + "_".join(v if k in ("split", "split/name") else f"{k.rsplit('/', 1)[-1]}_{short(v)}"
+                                 for k, v in c.col)
+        name = re.sub(r"[^\w\-. :/]", "_", f"{c.row}{col}")
+        out[f"mean_final_miou/{name}"] = c.last_mean_std[0] / 100
+        out[f"mean_best_miou/{name}"] = c.best_mean_std[0] / 100
+    if report.cells:
+        out["best_mean_final_miou"] = max(c.last_mean_std[0] for c in report.cells) / 100
+    out["finished_runs"] = float(sum(c.n for c in report.cells))
+    return out
 
 
 def write_report(report: Report, out_dir: Path, layout: str = "auto") -> dict[str, Path]:

@@ -5,8 +5,11 @@ Registered by ``conf/hydra/callbacks/mlflow_parent.yaml``. At multirun start it 
 name) and exports its id in ``DCC_MLFLOW_PARENT_RUN`` (:data:`dcc.tracking.PARENT_RUN_ENV`); every job
 started from this process, in-process, by submitit locally or through ``sbatch`` (which exports the
 environment), tags its run with ``mlflow.parentRunId``, so the MLflow UI shows the sweep as one group.
-At multirun end it prints the sweep's table (:mod:`dcc.report`), logs it and the Optuna results to the
-parent and closes the parent; if the sweep dies, the parent is closed as FAILED at exit.
+At multirun end it prints the sweep's table (:mod:`dcc.report`), logs it, its numbers (as metrics: mean
+final / best mIoU per cell) and the Optuna results to the parent and closes the parent; if the sweep
+dies, the parent is closed as FAILED at exit. It also exports the keys the sweep varies
+(``DCC_SWEPT_KEYS``), which the jobs put in their run names, and fails the sweep at once, in one
+message, when the MLflow store cannot be reached.
 
 An Optuna search with a persistent study (``hydra.sweeper.storage`` and ``study_name`` set) reuses the
 parent run of that study, so a continued search stays one group.
@@ -27,7 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.tracking import PARENT_RUN_ENV, default_tracking_uri
+from dcc.tracking import PARENT_RUN_ENV, SWEPT_KEYS_ENV, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,21 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def swept_keys(cfg: DictConfig) -> list[str]:
+    """Override keys the sweep varies: command-line sweeps (``a,b``, ``range(...)``, ...) and the sweeper's params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys: list[str] = []
+    try:
+        for o in OverridesParser.create().parse_overrides([str(x) for x in _get(cfg, "hydra.overrides.task", []) or []]):
+            if o.is_sweep_override():
+                keys.append(o.get_key_element().lstrip("+~"))
+    except Exception as exc:  # noqa: BLE001 - names only
+        log.debug("cannot parse the sweep's overrides (%s)", exc)
+    keys += [str(k) for k in (_get(cfg, "hydra.sweeper.params", {}) or {})]
+    return list(dict.fromkeys(keys))
+
+
 def sweep_key(cfg: DictConfig) -> str | None:
     """A persistent Optuna study is one group in MLflow however many times its command is run."""
     storage, study = _get(cfg, "hydra.sweeper.storage"), _get(cfg, "hydra.sweeper.study_name")
@@ -60,12 +78,24 @@ class MLflowSweepParent(Callback):
         self.run_id: str | None = None
         self.sweep_dir: Path | None = None
         self._previous_env: str | None = None
+        self._previous_keys: str | None = None
         self._open = False
 
     # ----------------------------------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._previous_keys = os.environ.get(SWEPT_KEYS_ENV)
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))  # the jobs name their runs after these values
         if str(_get(config, "logger.name", "mlflow")) == "none":
             return
+        from dcc.errors import JobError
+        from dcc.preflight import PreflightError, check_tracking
+
+        cwd = Path(_get(config, "hydra.runtime.cwd", os.getcwd()))
+        uri = _get(config, "logger.tracking_uri") or default_tracking_uri(cwd)
+        try:  # an unreachable store fails the sweep at once, in one message (not every job after minutes of retries)
+            check_tracking(uri, "logger.tracking_uri" if _get(config, "logger.tracking_uri") else "MLflow store")
+        except PreflightError as exc:
+            raise JobError(str(exc)) from exc
         try:
             self._start(config)
         except Exception as exc:  # noqa: BLE001 - never stop a sweep for its grouping
@@ -146,6 +176,10 @@ class MLflowSweepParent(Callback):
 
     # ----------------------------------------------------------------------------------------------
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._previous_keys is None:
+            os.environ.pop(SWEPT_KEYS_ENV, None)
+        else:
+            os.environ[SWEPT_KEYS_ENV] = self._previous_keys
         if self._open:
             self._finish("FINISHED")
 
@@ -184,6 +218,18 @@ class MLflowSweepParent(Callback):
         if self.report and counts.get("FINISHED"):
             out = (self.sweep_dir or Path("multirun")) / "report"
             report, files = rep.report_for_parent(self.client, self.run_id, out_dir=out)
+            self._log_figures(report)
             print("\n" + rep.to_markdown(report), flush=True)
             print(f"report: {', '.join(str(f) for f in files.values())} (also in the MLflow parent run "
                   f"{self.run_id}, artifacts/report)", flush=True)
+
+    def _log_figures(self, report: Any) -> None:
+        """The table's numbers as the parent's metrics, so that the MLflow runs table shows the sweep's result."""
+        from mlflow.entities import Metric
+
+        from dcc import report as rep
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, 0) for k, v in rep.summary_metrics(report).items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])

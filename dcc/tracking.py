@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # Set by a sweep's launcher callback to the MLflow run id that groups the sweep's jobs.
 PARENT_RUN_ENV = "DCC_MLFLOW_PARENT_RUN"
+# Set by the same callback to the comma-separated override keys the sweep varies (they go into run names).
+SWEPT_KEYS_ENV = "DCC_SWEPT_KEYS"
 
 
 @contextlib.contextmanager
@@ -117,15 +119,17 @@ class MLflowTracker:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
         self.experiment_id = self._experiment_id()
+        parent = os.environ.get(PARENT_RUN_ENV)
         if run_id is not None:
             try:
                 self.client.update_run(run_id, status="RUNNING")
+                if parent:  # continued by a re-run sweep: it joins that sweep's group
+                    self.client.set_tag(run_id, "mlflow.parentRunId", parent)
                 self.run_id = run_id
                 return run_id
             except Exception as exc:  # noqa: BLE001
                 log.warning("cannot resume MLflow run %s (%s): starting a new run", run_id, exc)
         tags = dict(tags)
-        parent = os.environ.get(PARENT_RUN_ENV)
         if parent:  # a sweep's parent run (created by the multirun callback): the UI groups the jobs under it
             tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)

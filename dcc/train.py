@@ -1,7 +1,8 @@
 """The training loop: supervised cross-entropy plus, for CAC, lambda x the consistency loss.
 
 One call of :func:`fit` trains one model for ``trainer.max_steps`` steps, evaluating, logging and
-checkpointing as configured, and resuming from ``<state_dir>/last.pt`` when asked.
+checkpointing as configured, and resuming from ``<state_dir>/last.pt`` when it exists (unless
+``trainer.resume=restart``; see :mod:`dcc.resume`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +22,7 @@ from tqdm import tqdm
 
 from dcc import checkpoint as ckpt
 from dcc import distributed as ddp
-from dcc.config import Method, Precision
+from dcc.config import Method, Precision, ViewBN
 from dcc.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
 from dcc.evaluate import eval_options, evaluate
@@ -28,6 +31,7 @@ from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.models import Segmentor, build_model
 from dcc.optim import build_optimizer, poly_scheduler
 from dcc.preemption import PreemptionGuard
+from dcc.resume import continue_command, resume_mode
 from dcc.visualize import dataset_palette, save_prediction_grid
 
 log = logging.getLogger(__name__)
@@ -146,7 +150,7 @@ def fit(
         model.head.compile()
     optimizer = build_optimizer(cfg, model)
     scheduler = poly_scheduler(optimizer, tc.max_steps, cfg.optim.poly_power)
-    branch = ConsistencyBranch(cfg.loss) if method is Method.cac else None
+    branch = ConsistencyBranch(cfg.loss, shared_bn=ViewBN[str(tc.view_bn)] is ViewBN.shared) if method is Method.cac else None
     autocast = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast is not None and str(tc.precision).endswith("fp16"))
 
@@ -154,7 +158,15 @@ def fit(
     last = state_dir / "last.pt"
     step, best, history = 0, -1.0, []
     final: dict[str, Any] = {}
-    if tc.resume and last.exists():
+    mode = resume_mode(cfg)
+    if ddp.is_main():
+        ckpt.remove_stale_tmp(last)  # left by a write that was killed; last.pt itself is intact
+        if mode == "restart" and last.exists():  # dcc.app moves a whole run aside first; this is for direct callers
+            aside = last.with_name(f"last.pt.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            last.rename(aside)
+            log.warning("trainer.resume=restart: moved %s to %s", last, aside)
+    ddp.barrier()
+    if mode != "restart" and last.exists():
         state = ckpt.load(last)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -166,8 +178,6 @@ def fit(
         step, best, history = state["step"], state["best_miou"], state["history"]
         final = state.get("final", {})
         log.info("%sresumed from %s at step %d", prefix, last, step)
-    elif last.exists() and ddp.is_main():
-        last.unlink()
     ddp.broadcast_module(model)
 
     ignore = cfg.dataset.ignore_index
@@ -261,7 +271,9 @@ def fit(
             if step % tc.checkpoint_every == 0 or is_last or stop:
                 save(finished=is_last)
             if stop:
-                bar.write(f"{prefix}signal {guard.signum}: checkpoint written at step {step}")
+                if ddp.is_main():
+                    bar.write(f"{prefix}{signal.Signals(guard.signum).name}: checkpoint written at step {step} to {last}; "
+                              f"continue with: {continue_command()}")
                 bar.close()
                 guard.hand_on()
     finally:
@@ -280,7 +292,9 @@ def fit(
     )
     if final.get("samples") and ddp.is_main():
         grid = save_prediction_grid(final["samples"], list(cfg.dataset.mean), list(cfg.dataset.std),
-                                    state_dir / "predictions.png", dataset_palette(cfg))
+                                    state_dir / "predictions.png",
+                                    class_names=class_names or list(cfg.dataset.class_names) or None,
+                                    ignore_index=cfg.dataset.ignore_index, pal=dataset_palette(cfg))
         tracker.log_artifact(grid, f"{prefix}predictions".rstrip("/"))
     return FitResult(final_miou=final["miou"], best_miou=best, final=final, model=model, state_dir=state_dir,
                      steps=step, history=history)

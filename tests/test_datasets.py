@@ -106,7 +106,7 @@ def test_pair_output_format() -> None:
     item = pair_dataset()[1]
     assert item["view1"].shape == item["view2"].shape == (3, 32, 32)
     assert item["view1"].dtype == item["view2"].dtype == torch.float32
-    for key in ("offset1", "offset2"):
+    for key in ("offset1", "offset2", "extent1", "extent2"):
         assert item[key].shape == (2,) and item[key].dtype == torch.int64
     for key in ("flip1", "flip2"):
         assert item[key].shape == () and item[key].dtype == torch.bool
@@ -183,6 +183,7 @@ def test_pair_padding_and_reproducibility() -> None:
     # Resized to 20x20 and padded to 32: the only crop is at (0, 0); the pad is the mean colour.
     assert item["offset1"].tolist() == item["offset2"].tolist() == [0, 0]
     assert item["view1"][:, 20:, :].abs().max() < 0.02 and item["view1"][:, :, 20:].abs().max() < 0.02
+    assert item["extent1"].tolist() == item["extent2"].tolist() == [20, 20]  # image content of each crop
 
     ds = pair_dataset()
     torch.manual_seed(8)

@@ -133,7 +133,7 @@ COMMON = {
     "loss.preset": "ablation_viii", "dataset.labeled_scale": [0.5, 2.0], "dataset.unlabeled_scale": [0.8, 2.0],
     "dataset.iou_range": [0.1, 1.0], "dataset.unlabeled_color_jitter_p": 0.8, "dataset.unlabeled_grayscale_p": 0.2,
     "dataset.unlabeled_blur_p": 0.5, "dataset.blur_kernel": 5, "eval.mode": "whole", "eval.pad_multiple": 8,
-    "segnet.consistency_stride": 8,
+    "segnet.consistency_stride": 8, "segnet.align_corners": True, "trainer.view_bn": "per_view",
 }
 SPECIFIC = {
     "voc_deeplabv3plus_r50": {"optim.lr": 0.01, "dataset.crop_size": 320, "dataset.base_size": 400,

@@ -92,3 +92,48 @@ def test_local_weights_errors(tmp_path):
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="cannot read"):
         load_local_weights(body, corrupt)
+
+
+def _bilinear_calls(monkeypatch) -> list:
+    """Patch F.interpolate to record the align_corners of every bilinear resize (then resize as asked)."""
+    calls, original = [], torch.nn.functional.interpolate
+
+    def spy(*args, **kwargs):
+        if kwargs.get("mode") == "bilinear":
+            calls.append(kwargs.get("align_corners"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
+    return calls
+
+
+@pytest.mark.parametrize("segnet, resizes", [("deeplabv3plus", 3), ("pspnet", 5)])
+@pytest.mark.parametrize("align", [True, False])
+def test_every_bilinear_resize_follows_segnet_align_corners(monkeypatch, segnet, resizes, align):
+    """ASPP pooling + decoder + logits (DeepLabv3+), four pooled bins + logits (PSPNet), in training, whole-image
+    and sliding-window evaluation alike (prediction calls the same ``predict``)."""
+    from dcc.evaluate import predict
+
+    model = build_model(compose_cfg(SMALL + [f"segnet={segnet}", f"segnet.align_corners={align}"])).eval()
+    calls = _bilinear_calls(monkeypatch)
+    x = torch.randn(1, 3, 40, 56)
+    model(x)
+    assert calls == [align] * resizes
+    predict(model, x, mode="whole")
+    predict(model, x, mode="slide", crop_size=32, stride=16)
+    assert len(calls) > 2 * resizes and set(calls) == {align}
+
+
+def test_align_corners_is_the_authors_by_default_and_changes_the_output():
+    cfg = compose_cfg(SMALL)
+    assert cfg.segnet.align_corners is True  # digits preset (the demo) and every paper preset
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        a = model(x)
+        for m in model.modules():
+            if hasattr(m, "align_corners"):
+                m.align_corners = False
+        b = model(x)
+    assert (a - b).abs().max() > 1e-3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -109,3 +110,76 @@ def test_gradients_flow_to_both_views() -> None:
     expected = torch.zeros(4, 4)
     expected[:3, :3] = 1
     assert torch.equal(feat1.grad[0, 0], expected)
+
+
+def _cell_corners(offsets: torch.Tensor, flips: torch.Tensor, cells: int) -> torch.Tensor:
+    """What a network computes on each view, made explicit: feature [B, 2, cells, cells] whose cell holds the
+    image-pixel (y, x) corner of the stride cell it covers, laid out as the (possibly flipped) view shows it."""
+    idx = torch.arange(cells) * STRIDE
+    yy = offsets[:, 0].view(-1, 1, 1) + idx.view(1, -1, 1)
+    xx = offsets[:, 1].view(-1, 1, 1) + idx.view(1, 1, -1)
+    feat = torch.stack([yy.expand(-1, cells, cells), xx.expand(-1, cells, cells)], 1).float()
+    return torch.where(flips.view(-1, 1, 1, 1), feat.flip(-1), feat)
+
+
+def _pair_batch(image_hw: tuple[int, int], long_side: int, crop: int, seed: int, n: int = 6) -> dict:
+    """n pairs of one image of ``image_hw`` scaled to ``long_side`` through the real dataset (flips on)."""
+    from dcc.data.datasets import ArraySource, UnlabeledPairDataset
+
+    image = torch.randint(0, 256, (1, *image_hw, 3), dtype=torch.uint8).numpy()
+    ds = UnlabeledPairDataset(ArraySource(image), [0], crop_size=crop, base_size=long_side, scale_range=(1.0, 1.0),
+                              stride=STRIDE, mean=(0.5,) * 3, std=(0.25,) * 3, color_jitter_p=0.0, grayscale_p=0.0,
+                              blur_p=0.0)
+    torch.manual_seed(seed)
+    return torch.utils.data.default_collate([ds[0] for _ in range(n)])
+
+
+def _overlap_of(batch: dict, crop: int):
+    cells = crop // STRIDE
+    feat1 = _cell_corners(batch["offset1"], batch["flip1"], cells)
+    feat2 = _cell_corners(batch["offset2"], batch["flip2"], cells)
+    return overlap_pairs(feat1, feat2, batch["offset1"], batch["offset2"], batch["flip1"], batch["flip2"], STRIDE,
+                         batch["extent1"], batch["extent2"])
+
+
+def test_padded_cells_are_never_anchors_300x450_scaled_to_320():
+    """The issue's geometry: 300 x 450 scaled to a 320 long side is 213 x 320, padded to the 320 crop. Only the
+    26 x 40 cells fully inside the 213 rows of image are overlap cells (1,040, not 40 x 40 = 1,600)."""
+    batch = _pair_batch((300, 450), 320, 320, seed=0)
+    assert batch["offset1"].tolist() == batch["offset2"].tolist() == [[0, 0]] * 6  # the only crop position
+    assert batch["extent1"].tolist() == batch["extent2"].tolist() == [[213, 320]] * 6
+    assert {bool(f) for f in batch["flip1"]} | {bool(f) for f in batch["flip2"]} == {False, True}
+    f1, f2, index = _overlap_of(batch, 320)
+    assert torch.bincount(index).tolist() == [26 * 40] * 6
+    assert overlap_cell_count(batch["offset1"], batch["offset2"], 320, STRIDE, batch["extent1"],
+                              batch["extent2"]).tolist() == [1040] * 6
+    assert torch.equal(f1, f2)  # rows cover the same cells, flips undone
+    assert int(f1[:, 0].max()) + STRIDE <= 213  # none in the padding (rows 213..319)
+    assert sorted(set(f1[:, 0].long().tolist())) == list(range(0, 26 * STRIDE, STRIDE))
+    # without the extents, the padded cells would be counted
+    nofill = overlap_pairs(*(_cell_corners(batch[f"offset{v}"], batch[f"flip{v}"], 40) for v in (1, 2)),
+                           batch["offset1"], batch["offset2"], batch["flip1"], batch["flip2"], STRIDE)
+    assert len(nofill[0]) == 6 * 1600
+
+
+@pytest.mark.parametrize("image_hw, long_side, padded", [((200, 600), 300, True), ((600, 200), 300, True),
+                                                          ((300, 300), 150, True), ((256, 512), 640, False)])
+def test_overlap_is_every_shared_cell_inside_the_image(image_hw, long_side, padded):
+    """Shifted, flipped crops of padded (and unpadded) images: the overlap is exactly, by brute force, the cells
+    present in both crops' grids that lie fully inside the scaled image."""
+    batch = _pair_batch(image_hw, long_side, 160, seed=1, n=12)
+    scale = long_side / max(image_hw)
+    h, w = (round(s * scale) for s in image_hw)
+    assert bool((batch["extent1"] < 160).any()) == padded  # 100 x 300, 300 x 100, 150 x 150 (not multiples of 8)
+    f1, f2, index = _overlap_of(batch, 160)
+    assert torch.equal(f1, f2)
+    counts = overlap_cell_count(batch["offset1"], batch["offset2"], 160, STRIDE, batch["extent1"], batch["extent2"])
+    assert torch.equal(torch.bincount(index, minlength=12), counts)
+    shifted = 0
+    for b in range(12):
+        (y1, x1), (y2, x2) = batch["offset1"][b].tolist(), batch["offset2"][b].tolist()
+        shifted += (y1, x1) != (y2, x2)
+        grid = lambda y, x: {(y + STRIDE * i, x + STRIDE * j) for i in range(20) for j in range(20)}  # noqa: E731
+        inside = {(y, x) for y, x in grid(y1, x1) & grid(y2, x2) if y + STRIDE <= h and x + STRIDE <= w}
+        assert sorted(map(tuple, f1[index == b].long().tolist())) == sorted(inside), b
+    assert shifted > 0 or max(h, w) < 160  # a crop larger than the image in both sides has one position

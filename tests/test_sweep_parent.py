@@ -56,6 +56,25 @@ def test_sweep_is_one_parent_run_with_children_and_a_report(tiny_overrides, tmp_
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report/table.md", "report/table.csv", "report/chart.png"}
     assert len(list(tmp_path.glob("multirun/*/*/report/table.csv"))) == 1
+    # readable: run names carry the backbone and the swept value; the parent holds the table's figures
+    assert sorted(r.info.run_name for r in children) == [
+        "ablation_viii-1_8-resnet18-s42-weight=0.1", "ablation_viii-1_8-resnet18-s42-weight=0.3",
+        "suponly-1_8-resnet18-s42-weight=0.1", "suponly-1_8-resnet18-s42-weight=0.3"]
+    final = {r.data.tags["loss"] + r.data.params["loss/weight"]: r.data.metrics["val/final_miou"] for r in children}
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert metrics["mean_final_miou/suponly/weight_0.3"] == pytest.approx(final["suponly0.3"])
+    assert metrics["finished_runs"] == 4 and metrics["best_mean_final_miou"] == pytest.approx(max(final.values()))
+
+    # the same sweep again: nothing is trained again, and the new parent groups the four finished runs
+    again = run_py(["-m", "hydra/callbacks=mlflow_parent", "hydra.job.name=mini", "loss=suponly,ablation_viii",
+                    "loss.weight=0.1,0.3", "split=1_8", *over], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished: ") == 4 and "final val mIoU:" not in again.stdout  # no training
+    (new,) = [p for p in client.search_runs([exp.experiment_id], "tags.`dcc.sweep` = 'true'")
+              if p.info.run_id != parent.info.run_id]
+    adopted = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{new.info.run_id}'")
+    assert sorted(r.info.run_id for r in adopted) == sorted(r.info.run_id for r in children)
+    assert new.info.status == "FINISHED" and new.data.metrics["finished_runs"] == 4
 
 
 @pytest.mark.slow

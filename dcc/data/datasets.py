@@ -183,7 +183,9 @@ class UnlabeledPairDataset(Dataset):
     """Two overlapping, independently augmented crops of one unlabeled image (CAC's context pair).
 
     The crops' offsets differ by a multiple of ``stride`` so that their stride-aligned feature
-    cells coincide; ``dcc.overlap.overlap_pairs`` aligns them using the returned geometry.
+    cells coincide; ``dcc.overlap.overlap_pairs`` aligns them using the returned geometry. When the
+    scaled image is smaller than the crop it is padded bottom-right; each view's ``extent`` tells
+    which part of the crop is image content, so that padded cells never become anchors.
     """
 
     def __init__(
@@ -274,12 +276,14 @@ class UnlabeledPairDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Tensor]:
         """Return view1/view2 float32 [3, c, c], offset1/offset2 int64 [2] (y, x in the resized and
-        padded image), flip1/flip2 bool [] (view was flipped horizontally), index int64 [] and, with
-        image labels, image_labels float32 [K]."""
+        padded image), extent1/extent2 int64 [2] (h, w: rows [0, h) and columns [0, w) of the view's
+        crop, before its flip, are image content; the rest is bottom-right padding), flip1/flip2 bool []
+        (view was flipped horizontally), index int64 [] and, with image labels, image_labels float32 [K]."""
         index = self.indices[item]
         image_np, _ = self.source.load(index)
         image, _ = _to_tv(image_np, None)
         image, _ = _resize(image, None, _random_long_side(self.base_size, self.scale_range))
+        size = torch.tensor(image.shape[-2:])  # the scaled image before padding
         image, _ = _pad_to(image, None, self.crop_size, _mean_fill(self.mean), 0)
         offset1, offset2 = self._offsets(*image.shape[-2:])
         view1, flip1 = self._view(image, offset1)
@@ -289,6 +293,8 @@ class UnlabeledPairDataset(Dataset):
             "view2": view2,
             "offset1": offset1.long(),
             "offset2": offset2.long(),
+            "extent1": (size - offset1).clamp(0, self.crop_size).long(),
+            "extent2": (size - offset2).clamp(0, self.crop_size).long(),
             "flip1": torch.tensor(flip1),
             "flip2": torch.tensor(flip2),
             "index": torch.tensor(index, dtype=torch.long),

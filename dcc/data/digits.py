@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcc.data.cache import read_npz
 from dcc.data.datasets import ArraySource
 
 __all__ = ["ArraySource", "NUM_CLASSES", "POOLS", "digit_pools", "generate_digit_scenes", "load_digit_scenes",
@@ -278,9 +279,8 @@ def load_digit_scenes(
         "stroke": int(stroke), "max_overlap": float(max_overlap), "seed": int(seed),
     }
     path = cache_path(Path(cache_dir), "mnist_scenes", params, ".npz")
-    if path.exists():
-        with np.load(path) as data:
-            return {name: data[name] for name in data.files}
+    if (cached := read_npz(path)) is not None:  # a damaged cache is named, deleted and regenerated
+        return cached
     arrays = generate_digit_scenes(**params)
     save_atomic_npz(path, arrays)
     return arrays

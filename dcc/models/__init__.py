@@ -39,11 +39,12 @@ def build_model(cfg: Any, *, backbone_weights: str | None = None) -> Segmentor:
             rates=list(seg.aspp_rates),
             low_level_channels=seg.low_level_channels,
             dropout=seg.dropout,
+            align_corners=seg.align_corners,
         )
     else:
         head = PSPHead(
             backbone.high_channels, channels=seg.channels, bins=list(seg.bins), stride=backbone.output_stride,
-            dropout=seg.dropout,
+            dropout=seg.dropout, align_corners=seg.align_corners,
         )
     uses_projector = _enum(cfg.loss.method, Method) is Method.cac and cfg.loss.proj
     return Segmentor(
@@ -54,4 +55,5 @@ def build_model(cfg: Any, *, backbone_weights: str | None = None) -> Segmentor:
         proj_dim=cfg.loss.proj_dim if uses_projector else None,
         consistency_stride=seg.consistency_stride,
         weak_classes=cfg.dataset.num_classes - 1 if cfg.loss.get("weak") else 0,  # C_w over the foreground classes
+        align_corners=seg.align_corners,
     )

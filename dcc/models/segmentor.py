@@ -34,8 +34,10 @@ class Segmentor(nn.Module):
         proj_dim: int | None,
         consistency_stride: int,
         weak_classes: int = 0,
+        align_corners: bool = True,
     ) -> None:
         super().__init__()
+        self.align_corners = align_corners  # of the logit upsampling (segnet.align_corners; the authors: True)
         self.backbone = backbone
         self.head = head
         self.classifier_dropout = nn.Dropout(classifier_dropout)
@@ -56,9 +58,9 @@ class Segmentor(nn.Module):
         return self.classifier(self.classifier_dropout(feats))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at the input resolution."""
+        """Logits at the input resolution (training, evaluation and prediction alike)."""
         logits = self.classify(self.features(x))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
     def consistency_outputs(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the consistency branch needs from one view, at the consistency stride (8).

@@ -1,0 +1,106 @@
+"""Checks made before a run directory or an MLflow run exists, each failing with one message naming the culprit.
+
+:func:`check` covers what can be checked without loading data: every interpolation of the config resolves
+(an experiment preset's ``${oc.env:DCC_RESNET50_WEIGHTS}``), the weights file exists, the MLflow store is
+reachable (an HTTP server answers within a few seconds) and the run directory can be written. The dataset
+layout is checked by building the data, which ``dcc.app`` does before creating anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+HTTP_TIMEOUT_S = 5.0
+
+
+class PreflightError(RuntimeError):
+    """Something a run needs is missing or unreachable; the message names the key, file or URI."""
+
+
+def check_resolves(cfg: Any) -> None:
+    """Every ``${...}`` of the config resolves (environment variables of the experiment presets, ...)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (InterpolationResolutionError, MissingMandatoryValue) as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(getattr(exc, "msg", exc)).splitlines()[0]
+        env = re.search(r"Environment variable '([^']+)' not found", msg)
+        if env:
+            msg = (f"environment variable {env[1]} is not set (the config reads {key} from it): export it, "
+                   f"or set {key}=... on the command line")
+        raise PreflightError(f"{key}: {msg}") from exc
+
+
+def check_weights(cfg: Any) -> None:
+    weights = cfg.backbone.weights
+    if weights and not Path(str(weights)).expanduser().is_file():
+        raise PreflightError(f"backbone.weights: no such file {weights}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: Path, what: str) -> None:
+    """``path`` (or, when it does not exist yet, its nearest existing ancestor) is a writable directory."""
+    base = _nearest_existing(path)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise PreflightError(f"{what}: cannot write {path} ({base} is not a writable directory)")
+
+
+def check_tracking(uri: str, source: str) -> None:
+    """The MLflow store at ``uri`` can be used: an HTTP server answers within :data:`HTTP_TIMEOUT_S`, a local
+    store's directory is writable. ``source`` names where the URI came from (for the message)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HTTP_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered (a proxy, an older server without /health): reachable
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise PreflightError(
+                f"{source}={uri}: cannot reach the MLflow tracking server ({reason}; {HTTP_TIMEOUT_S:.0f} s timeout). "
+                "Start it (mlflow server ...), point to a reachable one, or use logger=none"
+            ) from exc
+    elif uri.startswith("sqlite:///"):
+        check_writable(Path(uri[len("sqlite:///"):]).parent, f"{source}={uri}")
+    elif uri.startswith("file:"):
+        check_writable(Path(urllib.parse.urlparse(uri).path), f"{source}={uri}")
+    elif "://" not in uri:  # a plain directory (MLflow's file store)
+        check_writable(Path(uri), f"{source}={uri}")
+
+
+def tracking_source(cfg: Any, launch_dir: Path) -> tuple[str, str] | None:
+    """``(uri, where it was set)`` of the MLflow store a run would log to, or None with ``logger=none``."""
+    from dcc.tracking import default_tracking_uri
+
+    if str(getattr(cfg.logger.name, "name", cfg.logger.name)) == "none":
+        return None
+    if cfg.logger.tracking_uri:
+        return str(cfg.logger.tracking_uri), "logger.tracking_uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    return default_tracking_uri(launch_dir), "the default store"
+
+
+def check(cfg: Any, launch_dir: Path, run_dir: Path | None = None) -> None:
+    """Everything a training run needs that can be checked before data is loaded."""
+    check_resolves(cfg)
+    check_weights(cfg)
+    found = tracking_source(cfg, launch_dir)
+    if found is not None:
+        check_tracking(*found)
+    if run_dir is not None:
+        check_writable(run_dir, "trainer.runs_root")

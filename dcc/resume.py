@@ -1,0 +1,123 @@
+"""What a run does with what its run directory already holds: ``trainer.resume`` = auto | true | restart.
+
+* ``auto`` (default): a run directory with a checkpoint continues from it (``resuming <dir> from step N``);
+  a finished run (``result.json``) is not trained again: its final metrics are reported and the job
+  succeeds, so re-running a sweep re-runs only its unfinished jobs. Nothing there: start from step 0.
+* ``true``: the same, and says ``no checkpoint in <dir>, starting from step 0`` when there is none.
+* ``restart`` (``false`` is the same): the previous run directory is renamed to
+  ``<dir>.replaced-<time>`` (never deleted; the message says where) and the run starts from step 0.
+
+A requeued SLURM job always continues (``restart`` applies to the first start only).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dcc import checkpoint as ckpt
+from dcc.preemption import requeued
+
+RESULT_FILE = "result.json"  # written when a run has finished and logged everything
+
+
+def resume_mode(cfg: Any) -> str:
+    """``auto``, ``true`` or ``restart`` (``false`` -> ``restart``; a requeued job -> ``true``)."""
+    mode = str(cfg.trainer.resume).lower()
+    if requeued():
+        return "true"
+    return "restart" if mode == "false" else mode
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints of a run: its own ``last.pt``, then a self-training teacher's."""
+    return [p for p in (run_dir / "last.pt", run_dir / "teacher" / "last.pt") if p.exists()]
+
+
+@dataclass
+class Decision:
+    action: str  # fresh | resume | finished | restart
+    message: str | None = None  # what to print (None: nothing to say)
+    result: dict[str, Any] | None = None  # finished: the stored final metrics
+    step: int = 0  # resume: the checkpoint's step
+
+
+def read_result(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RESULT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # a torn write: treat the run as unfinished (its checkpoint continues it)
+        return None
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> None:
+    tmp = run_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(run_dir / RESULT_FILE)
+
+
+def decide(run_dir: Path, mode: str) -> Decision:
+    """Look at ``run_dir`` (read only) and say what to do; :func:`apply` acts on a ``restart``."""
+    result = read_result(run_dir)
+    found = _checkpoints(run_dir)
+    if mode == "restart":
+        if result is None and not found:
+            return Decision("fresh")
+        return Decision("restart")
+    if result is not None:
+        return Decision(
+            "finished", result=result,
+            message=(f"already finished: {run_dir} (final val mIoU {result['final_miou']:.4f}, best "
+                     f"{result['best_miou']:.4f} after {result['steps']} steps"
+                     + (f", MLflow run {result['mlflow_run_id']}" if result.get("mlflow_run_id") else "")
+                     + "); not training it again "
+                     "(trainer.resume=restart trains it from scratch)"),
+        )
+    if found:
+        step = ckpt.peek(found[0])["step"]
+        where = "" if found[0].parent == run_dir else " (self-training teacher)"
+        return Decision("resume", step=step, message=f"resuming {run_dir} from step {step}{where}")
+    if mode == "true":
+        return Decision("fresh", message=f"no checkpoint in {run_dir}, starting from step 0")
+    return Decision("fresh")
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``<run_dir>.replaced-<YYYYmmdd-HHMMSS>`` (a free name); returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
+    run_dir.rename(target)
+    return target
+
+
+def apply(run_dir: Path, decision: Decision) -> Decision:
+    """Carry out a ``restart``: move the previous run aside and say where. Call on one process only."""
+    if decision.action != "restart":
+        return decision
+    found = _checkpoints(run_dir)
+    what = f"checkpoint at step {ckpt.peek(found[0])['step']}" if found else "finished run"
+    target = set_aside(run_dir)
+    decision.message = (f"trainer.resume=restart: moved the previous run ({what}) to {target}; "
+                        f"starting {run_dir} from step 0 (delete {target.name} when you no longer need it)")
+    return decision
+
+
+def continue_command(argv: list[str] | None = None) -> str:
+    """The command that continues this run: the same command without ``trainer.resume=restart|false``."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not argv[0].endswith("run.py"):
+        return "the same command (trainer.resume=auto, the default, continues it)"
+    keep = [a for a in argv[1:] if not (a.startswith("trainer.resume=")
+                                        and a.split("=", 1)[1].lower() in ("restart", "false"))]
+    return shlex.join(["python", argv[0], *keep])
