@@ -271,6 +271,7 @@ class TrainerConfig:
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the backbone and the head
     view_bn: ViewBN = ViewBN.per_view  # CAC: BN statistics of the two unlabeled views (see dcc/consistency.py)
+    diagnostics: bool = True  # CAC: log diag/ figures of the consistency branch (dcc/diagnostics.py); off with logger=none
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     runs_root: str = "runs"  # run directories live under <launch dir>/<runs_root>/
     progress: bool = True

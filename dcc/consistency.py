@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dcc.bank import NegativeBank, sample_negatives
+from dcc.diagnostics import cell_labels, consistency_diagnostics
 from dcc.losses import directional_contrastive_loss, l2_alignment_loss, weak_classification_loss
 from dcc.models.grouped_bn import per_group_batch_norm
 from dcc.models.segmentor import Segmentor
@@ -44,10 +45,16 @@ class ViewOutputs:
 
 
 class ConsistencyBranch:
-    def __init__(self, loss_cfg: Any, *, shared_bn: bool = False) -> None:
+    def __init__(self, loss_cfg: Any, *, shared_bn: bool = False, diagnostics: bool = False, num_classes: int = 0,
+                 ignore_index: int = 255) -> None:
+        """``diagnostics``: also return the ``diag/...`` figures of :mod:`dcc.diagnostics` (never used for the
+        loss); with ``mask1``/``mask2`` in the batch (ground truth of the views) the pseudo-label accuracy too."""
         self.cfg = loss_cfg
         self.shared_bn = shared_bn
         self.bank = NegativeBank(loss_cfg.bank_steps)
+        self.diagnostics = diagnostics
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
 
     def __call__(self, model: Segmentor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Returns ``{"loss_u": scalar}`` (before the weight lambda) and, with ``loss.weak``, ``"loss_w"``
@@ -70,15 +77,18 @@ class ConsistencyBranch:
     def _consistency(self, model: Segmentor, v1: ViewOutputs, v2: ViewOutputs, batch: dict[str, Tensor]
                      ) -> dict[str, Tensor]:
         cfg = self.cfg
-        dim = v1.phi.shape[1]
+        dim, classes = v1.phi.shape[1], v1.logits.shape[1]
+        stride = model.consistency_stride
+        maps = [torch.cat([v.phi, v.logits], 1) for v in (v1, v2)]
+        truth = self.diagnostics and "mask1" in batch
+        if truth:  # the views' ground truth per cell rides along in the same gather (diagnostics only)
+            maps = [torch.cat([m, cell_labels(batch[k], stride, self.num_classes, self.ignore_index).unsqueeze(1).to(m)], 1)
+                    for m, k in zip(maps, ("mask1", "mask2"))]
         # One gather for features and logits: rows k of a and b cover the same image pixels (padding excluded).
-        a, b, _ = overlap_pairs(
-            torch.cat([v1.phi, v1.logits], 1), torch.cat([v2.phi, v2.logits], 1),
-            batch["offset1"], batch["offset2"], batch["flip1"], batch["flip2"], model.consistency_stride,
-            batch.get("extent1"), batch.get("extent2"),
-        )
-        feat1, out1 = a[:, :dim], a[:, dim:]
-        feat2, out2 = b[:, :dim], b[:, dim:]
+        a, b, _ = overlap_pairs(*maps, batch["offset1"], batch["offset2"], batch["flip1"], batch["flip2"], stride,
+                                batch.get("extent1"), batch.get("extent2"))
+        feat1, out1 = a[:, :dim], a[:, dim : dim + classes]
+        feat2, out2 = b[:, :dim], b[:, dim : dim + classes]
         if not cfg.cl:
             return {"loss_u": l2_alignment_loss(feat1, feat2)}
         conf1, label1 = out1.softmax(1).max(1)
@@ -92,4 +102,12 @@ class ConsistencyBranch:
             temperature=cfg.temperature, pos_threshold=cfg.pos_threshold,
             directional=cfg.dir, negative_sampling=cfg.ns, positive_filtering=cfg.pf,
         )
-        return {"loss_u": loss}
+        if not self.diagnostics:
+            return {"loss_u": loss}
+        gt1, gt2 = (a[:, -1].long(), b[:, -1].long()) if truth else (None, None)
+        diag = consistency_diagnostics(
+            feat1, feat2, conf1, conf2, label1, label2, neg_label, pos_threshold=cfg.pos_threshold,
+            directional=cfg.dir, positive_filtering=cfg.pf, negative_sampling=cfg.ns, num_classes=classes,
+            gt1=gt1, gt2=gt2, ignore_index=self.ignore_index,
+        )
+        return {"loss_u": loss} | {f"diag/{k}": v for k, v in diag.items()}

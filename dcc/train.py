@@ -25,13 +25,14 @@ from dcc import distributed as ddp
 from dcc.config import Method, Precision, ViewBN
 from dcc.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
+from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.evaluate import eval_options, evaluate
 from dcc.losses import cross_entropy
-from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.models import Segmentor, build_model
 from dcc.optim import build_optimizer, poly_scheduler
 from dcc.preemption import PreemptionGuard
 from dcc.resume import continue_command, resume_mode
+from dcc.tracking import NullTracker
 from dcc.visualize import dataset_palette, save_prediction_grid
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,11 @@ def fit(
         model.head.compile()
     optimizer = build_optimizer(cfg, model)
     scheduler = poly_scheduler(optimizer, tc.max_steps, cfg.optim.poly_power)
-    branch = ConsistencyBranch(cfg.loss, shared_bn=ViewBN[str(tc.view_bn)] is ViewBN.shared) if method is Method.cac else None
+    diagnostics = bool(tc.diagnostics) and not isinstance(tracker, NullTracker)  # no cost when nothing is logged
+    branch = ConsistencyBranch(
+        cfg.loss, shared_bn=ViewBN[str(tc.view_bn)] is ViewBN.shared, diagnostics=diagnostics,
+        num_classes=cfg.dataset.num_classes, ignore_index=cfg.dataset.ignore_index,
+    ) if method is Method.cac else None
     autocast = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast is not None and str(tc.precision).endswith("fp16"))
 
@@ -224,7 +229,8 @@ def fit(
                 if branch is not None and step >= start_u:
                     if unl is None:
                         unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=step - start_u,
-                                                    device=device, image_labels=data.image_labels))
+                                                    device=device, image_labels=data.image_labels,
+                                                    with_masks=branch.diagnostics))
                     batch = {k: v.to(device, non_blocking=True) for k, v in next(unl).items()}
                     terms.update({k: v.float() for k, v in branch(model, batch).items()})
                     total = total + cfg.loss.weight * terms["loss_u"]
@@ -249,7 +255,8 @@ def fit(
                 scalars = meter.flush()  # raises on a non-finite loss before anything is saved
                 if scalars:
                     scalars["lr"] = optimizer.param_groups[1]["lr"]
-                    tracker.log_metrics({f"{prefix}train/{k}": v for k, v in scalars.items()}, step)
+                    tracker.log_metrics({f"{prefix}{'' if k.startswith('diag/') else 'train/'}{k}": v
+                                         for k, v in scalars.items()}, step)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
             if step % tc.eval_every == 0 or is_last:
                 ddp.average_buffers(model)

@@ -25,6 +25,7 @@ TINY = [
     "dataset.scenes.num_train=48",
     "dataset.scenes.num_val=6",
     "dataset.scenes.image_size=48",
+    "dataset.scenes.pretrain.steps=0",
     "dataset.base_size=48",
     "dataset.crop_size=32",
     "dataset.unlabeled_scale=[1.0,1.25]",

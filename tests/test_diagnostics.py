@@ -65,3 +65,47 @@ def test_cell_labels_take_the_majority_and_ignore_mostly_unlabeled_cells():
     mask[0, 0, 4:7] = 2  # 3 of 16 labeled: still ignored
     out = cell_labels(mask, 4, 6, 255)
     assert out.tolist() == [[[5, 255]]]
+
+
+def test_no_diagnostics_and_no_view_masks_without_a_logger(tiny_overrides, tmp_path, monkeypatch):
+    """logger=none: the branch computes no diag/ figures and the loader reads no ground truth."""
+    import dcc.train
+    from dcc.app import run
+    from tests.conftest import compose_cfg
+
+    seen = []
+    real = dcc.train.ConsistencyBranch.__call__
+
+    def spy(self, model, batch):
+        out = real(self, model, batch)
+        seen.append((self.diagnostics, "mask1" in batch, sorted(out)))
+        return out
+
+    monkeypatch.setattr(dcc.train.ConsistencyBranch, "__call__", spy)
+    run(compose_cfg(tiny_overrides + ["logger=none"]), launch_dir=tmp_path)
+    assert seen and all(s == (False, False, ["loss_u"]) for s in seen)
+
+
+def test_view_masks_follow_the_views(tmp_path):
+    """mask1/mask2 are the ground truth cropped and flipped like the views, and do not change the views."""
+    import numpy as np
+
+    from dcc.data.datasets import ArraySource, UnlabeledPairDataset
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (1, 40, 56, 3), dtype=np.uint8)
+    mask = (np.arange(56)[None, None, :] % 7 + 10 * (np.arange(40)[None, :, None] % 3)).astype(np.uint8).repeat(1, 0)
+    kw = dict(crop_size=32, base_size=56, scale_range=(1.0, 1.0), stride=8, mean=[0.5] * 3, std=[0.5] * 3,
+              color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    plain = UnlabeledPairDataset(ArraySource(image, mask), [0], **kw)
+    truth = UnlabeledPairDataset(ArraySource(image, mask), [0], with_masks=True, **kw)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        a = plain[0]
+        torch.manual_seed(seed)
+        b = truth[0]
+        assert torch.equal(a["view1"], b["view1"]) and torch.equal(a["view2"], b["view2"])
+        for k in ("1", "2"):
+            y, x = b["offset" + k].tolist()
+            want = torch.from_numpy(mask[0, y : y + 32, x : x + 32]).long()
+            assert torch.equal(b["mask" + k], want.flip(-1) if b["flip" + k] else want)

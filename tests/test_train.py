@@ -35,12 +35,16 @@ def test_few_step_run_logs_everything_to_mlflow(tiny_overrides, tmp_path):
     assert r.data.tags["segnet"] == "deeplabv3plus" and r.data.tags["backbone"] == "resnet18"
     assert r.data.params["loss/temperature"] == "0.1" and r.data.params["trainer/max_steps"] == "6"
     assert r.data.metrics["val/final_miou"] == pytest.approx(miou)
-    for name in ("train/loss", "train/loss_ce", "train/loss_u", "val/miou", "val/pixel_acc", "val/best_miou", "val/iou/0"):
+    for name in ("train/loss", "train/loss_ce", "train/loss_u", "val/miou", "val/pixel_acc", "val/best_miou", "val/iou/background",
+                 "diag/anchor_share_12", "diag/pf_pass_21", "diag/negatives_per_anchor_12", "diag/pos_cos_21",
+                 "diag/pseudo_acc", "diag/anchor_target_acc_12"):
         assert name in r.data.metrics, name
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val/miou")] == [3, 6]
     # flushed at every log (2), eval and checkpoint (3) step; the consistency loss exists from step start_step + 1 = 3
     assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_ce")] == [2, 3, 4, 6]
     assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_u")] == [3, 4, 6]
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "diag/anchor_share_12")] == [3, 4, 6]
+    assert 0.0 <= r.data.metrics["diag/pseudo_acc"] <= 1.0
     assert r.data.params["split_manifest/num_labeled"] == "12" and len(r.data.params["split_manifest/sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"config.yaml", "checkpoint", "predictions", "split"} <= artifacts

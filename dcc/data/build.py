@@ -202,7 +202,7 @@ def labeled_loader(
 
 def unlabeled_loader(
     cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device,
-    image_labels: np.ndarray | None = None,
+    image_labels: np.ndarray | None = None, with_masks: bool = False,
 ) -> DataLoader:
     ds = cfg.dataset
     dataset = UnlabeledPairDataset(
@@ -222,6 +222,8 @@ def unlabeled_loader(
         blur_p=ds.unlabeled_blur_p,
         blur_kernel=ds.blur_kernel,
         image_labels=image_labels,
+        with_masks=with_masks,
+        ignore_index=ds.ignore_index,
     )
     batch = cfg.trainer.unlabeled_batch_size
     return _loader(dataset, batch, _sampler(dataset, cfg, "unlabeled", start_step, batch), cfg, device)

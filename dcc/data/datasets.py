@@ -208,9 +208,14 @@ class UnlabeledPairDataset(Dataset):
         blur_kernel: int = 5,
         max_tries: int = 50,
         image_labels: np.ndarray | None = None,
+        with_masks: bool = False,
+        ignore_index: int = 255,
     ) -> None:
         """See the class docstring; ``context=False`` makes both views the same crop. ``image_labels``
-        (float ``[len(source), K]``, indexed by source item) adds each image's image-level label vector."""
+        (float ``[len(source), K]``, indexed by source item) adds each image's image-level label vector.
+        ``with_masks`` adds each view's ground truth (``mask1``/``mask2``, for diagnostics only; all
+        ``ignore_index`` where the source has no label), cropped and flipped like the view; it draws no
+        random number, so the views are the same with or without it."""
         assert crop_size % stride == 0, (
             f"crop_size ({crop_size}) must be a multiple of stride ({stride}) so feature cells align"
         )
@@ -230,6 +235,8 @@ class UnlabeledPairDataset(Dataset):
         self.blur_p = blur_p
         self.max_tries = max_tries
         self.image_labels = None if image_labels is None else torch.as_tensor(np.asarray(image_labels, np.float32))
+        self.with_masks = with_masks
+        self.ignore_index = ignore_index
         self.jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1)
         self.blur = v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))
 
@@ -280,11 +287,13 @@ class UnlabeledPairDataset(Dataset):
         crop, before its flip, are image content; the rest is bottom-right padding), flip1/flip2 bool []
         (view was flipped horizontally), index int64 [] and, with image labels, image_labels float32 [K]."""
         index = self.indices[item]
-        image_np, _ = self.source.load(index)
-        image, _ = _to_tv(image_np, None)
-        image, _ = _resize(image, None, _random_long_side(self.base_size, self.scale_range))
+        image_np, mask_np = self.source.load(index)
+        if self.with_masks and mask_np is None:
+            mask_np = np.full(image_np.shape[:2], self.ignore_index, np.uint8)
+        image, mask = _to_tv(image_np, mask_np if self.with_masks else None)
+        image, mask = _resize(image, mask, _random_long_side(self.base_size, self.scale_range))
         size = torch.tensor(image.shape[-2:])  # the scaled image before padding
-        image, _ = _pad_to(image, None, self.crop_size, _mean_fill(self.mean), 0)
+        image, mask = _pad_to(image, mask, self.crop_size, _mean_fill(self.mean), self.ignore_index)
         offset1, offset2 = self._offsets(*image.shape[-2:])
         view1, flip1 = self._view(image, offset1)
         view2, flip2 = self._view(image, offset2)
@@ -301,4 +310,8 @@ class UnlabeledPairDataset(Dataset):
         }
         if self.image_labels is not None:
             item_out["image_labels"] = self.image_labels[index]
+        if mask is not None:
+            for name, offset, flipped in (("mask1", offset1, flip1), ("mask2", offset2, flip2)):
+                crop = F.crop(mask, int(offset[0]), int(offset[1]), self.crop_size, self.crop_size)
+                item_out[name] = (F.horizontal_flip(crop) if flipped else crop).as_subclass(Tensor).long()
         return item_out
