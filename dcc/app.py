@@ -21,23 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from dcc import distributed as ddp
 from dcc import preflight, resume
-from dcc.config import CheckpointLog, ConfigError, Method, validate
-from dcc.tracking import (PARENT_RUN_ENV, SWEPT_KEYS_ENV, NullTracker, default_tracking_uri, flatten, git_commit,
-                          make_tracker)
+from dcc.config import CheckpointLog, ConfigError, Method, choice, result_neutral, validate
+from dcc.tracking import (PARENT_RUN_ENV, PARENT_TAG, SWEPT_KEYS_ENV, NullTracker, flatten, git_commit, logging_off,
+                          make_tracker, tracking_uri)
 
 log = logging.getLogger(__name__)
-
-# Keys that do not change what a run computes: left out of the run directory's hash.
-VOLATILE_KEYS = (
-    "task", "predict", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
-    "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
-    "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
-    # The number of processes does not change what is computed, by design: the total batch, the data stream
-    # and its augmentation, the loss normalisation and the negative bank are those of one process (see
-    # dcc/distributed.py), so a run may resume on another number of GPUs from the same directory.
-    "trainer/devices", "trainer/nodes", "trainer/dist_backend",
-)
-
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain Python (enums as their names)."""
@@ -94,9 +82,10 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def run_dir_for(cfg: DictConfig, launch_dir: Path) -> Path:
-    """``<runs_root>/<experiment>/<preset>-<split>-s<seed>-<hash of the config without volatile keys>``."""
-    flat = {k: v for k, v in flatten(plain_config(cfg)).items()
-            if not any(k == p or k.startswith(p + "/") for p in VOLATILE_KEYS)}
+    """``<runs_root>/<experiment>/<preset>-<split>-s<seed>-<hash of the config without the result-neutral keys>``.
+
+    The keys of :data:`dcc.config.RESULT_NEUTRAL_KEYS` (logging, workers, devices, ...) are left out of the hash."""
+    flat = {k: v for k, v in flatten(plain_config(cfg)).items() if not result_neutral(k)}
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
     root = Path(cfg.trainer.runs_root)
     root = root if root.is_absolute() else launch_dir / root
@@ -140,8 +129,6 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
         run_predict(cfg, launch_dir)
         return 0.0
 
-    from dcc.train import resolve_device
-
     preflight.check(cfg, launch_dir, run_dir_for(cfg, launch_dir))
     if ddp.requested(cfg) > 1 and not ddp.launched():
         if cfg.trainer.nodes > 1:
@@ -154,20 +141,19 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
         return ddp.spawn(run, cfg, launch_dir, nprocs=cfg.trainer.devices)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    with ddp.process_group(cfg, resolve_device) as device:
+    with ddp.process_group(cfg, ddp.resolve_device) as device:
         return _train(cfg, launch_dir, device)
 
 
 def _adopt(cfg: DictConfig, launch_dir: Path, run_id: str | None) -> None:
     """A finished run met again inside a sweep joins that sweep's parent run (so its table is complete)."""
     parent = os.environ.get(PARENT_RUN_ENV)
-    if not parent or not run_id or str(getattr(cfg.logger.name, "name", cfg.logger.name)) == "none":
+    if not parent or not run_id or logging_off(cfg):
         return
     try:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=cfg.logger.tracking_uri or default_tracking_uri(launch_dir)).set_tag(
-            run_id, "mlflow.parentRunId", parent)
+        MlflowClient(tracking_uri=tracking_uri(cfg, launch_dir)).set_tag(run_id, PARENT_TAG, parent)
     except Exception as exc:  # noqa: BLE001 - grouping is a convenience
         log.warning("could not add the finished run %s to this sweep (%s)", run_id, exc)
 
@@ -180,7 +166,7 @@ def _drop_if_empty(run_dir: Path, created: bool) -> None:
 
 def _log_checkpoint(cfg: DictConfig, tracker: Any, run_dir: Path, model: torch.nn.Module) -> None:
     """``logger.log_checkpoint``: off, weights (the model's state dict, ``checkpoint/model.pt``) or full (``last.pt``)."""
-    what = CheckpointLog[str(getattr(cfg.logger.log_checkpoint, "name", cfg.logger.log_checkpoint))]
+    what = choice(cfg.logger.log_checkpoint, CheckpointLog)
     if what is CheckpointLog.full:
         tracker.log_artifact(run_dir / "last.pt", "checkpoint")
     elif what is CheckpointLog.weights and not isinstance(tracker, NullTracker):
@@ -231,8 +217,7 @@ def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
                     tracker.log_artifact(path, "split")
         log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images",
                  run_dir, len(data.labeled), len(data.unlabeled), len(data.val))
-        method = cfg.loss.method if isinstance(cfg.loss.method, Method) else Method[str(cfg.loss.method)]
-        if method is Method.st:
+        if choice(cfg.loss.method, Method) is Method.st:
             result = self_train(cfg, data, device, tracker, run_dir)
         else:
             result = fit(cfg, data, device, tracker, run_dir)

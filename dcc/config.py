@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf
@@ -99,6 +99,31 @@ class CheckpointLog(Choice):
 
 # trainer.resume: what a run does with what its run directory already holds (see dcc/resume.py).
 RESUME_CHOICES = ("auto", "true", "restart", "false")
+
+# Config keys (and groups) that do not change what a run computes: left out of the run directory's hash
+# and never a column of a report.
+RESULT_NEUTRAL_KEYS = (
+    "task", "predict", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
+    "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
+    "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
+    # The number of processes does not change what is computed, by design: the total batch, the data stream
+    # and its augmentation, the loss normalisation and the negative bank are those of one process (see
+    # dcc/distributed.py), so a run may resume on another number of GPUs from the same directory.
+    "trainer/devices", "trainer/nodes", "trainer/dist_backend",
+)
+
+
+def result_neutral(key: str) -> bool:
+    """Whether a flattened config key (``trainer/log_every``) is, or lies under, one of :data:`RESULT_NEUTRAL_KEYS`."""
+    return any(key == p or key.startswith(p + "/") for p in RESULT_NEUTRAL_KEYS)
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def choice(value: Any, enum: type[E]) -> E:
+    """A config value as its enum member, whether OmegaConf gives the member or its name (``Method.cac``, ``"cac"``)."""
+    return value if isinstance(value, enum) else enum[str(getattr(value, "name", value))]
 
 
 @dataclass
@@ -250,6 +275,9 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
+    """The authors' schedule (80 epochs x 1157 iterations, batch 8 + 8); dataset presets may shorten it.
+    (No conf/trainer/ group: these defaults are the trainer's config.)"""
+
     max_steps: int = 92560
     batch_size: int = 8  # labeled images per step (total over devices: each of N processes takes 1/N)
     unlabeled_batch_size: int = 8  # unlabeled pairs per step (total over devices)
@@ -329,7 +357,7 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Any) -> None:
     """Cross-field rules. ``cfg`` is the composed DictConfig (or a :class:`Config`)."""
     loss = cfg.loss
-    method = Method[str(getattr(loss.method, "name", loss.method))]
+    method = choice(loss.method, Method)
     switches = ("proj", "context", "cl", "dir", "ns", "pf")
     if method is not Method.cac:
         on = [s for s in switches if loss[s]]
@@ -383,8 +411,8 @@ def validate(cfg: Any) -> None:
             f"trainer.devices x trainer.nodes = {procs} (each process takes an equal share)",
         )
     ds = cfg.dataset
-    dataset = DatasetName[str(getattr(ds.name, "name", ds.name))]
-    protocol = VocProtocol[str(getattr(ds.protocol, "name", ds.protocol))]
+    dataset = choice(ds.name, DatasetName)
+    protocol = choice(ds.protocol, VocProtocol)
     _check(
         dataset is DatasetName.voc or protocol is VocProtocol.aug,
         f"dataset.protocol={protocol.name} only exists for dataset=voc (got dataset={dataset.name})",
@@ -397,7 +425,7 @@ def validate(cfg: Any) -> None:
         not ds.class_names or len(ds.class_names) == ds.num_classes,
         f"dataset.class_names has {len(ds.class_names)} names but dataset.num_classes={ds.num_classes}",
     )
-    source = ImageLabelSource[str(getattr(ds.image_label_source, "name", ds.image_label_source))]
+    source = choice(ds.image_label_source, ImageLabelSource)
     if ds.image_labels:
         _check(
             dataset in (DatasetName.voc, DatasetName.digits, DatasetName.folder),
@@ -413,14 +441,14 @@ def validate(cfg: Any) -> None:
     for name, size in ds.split_sizes.items():
         _check(size > 0, f"dataset.split_sizes.{name} must be > 0, got {size}")
     ev = cfg.eval
-    mode = EvalMode[str(getattr(ev.mode, "name", ev.mode))]
+    mode = choice(ev.mode, EvalMode)
     _check(ev.pad_multiple > 0, f"eval.pad_multiple must be > 0, got {ev.pad_multiple}")
     if mode is EvalMode.slide:
         _check(ev.crop_size > 0 and ev.crop_size % ev.pad_multiple == 0,
                f"eval.crop_size={ev.crop_size} must be a positive multiple of eval.pad_multiple={ev.pad_multiple}")
         _check(0 < ev.stride <= ev.crop_size,
                f"eval.stride={ev.stride} must be in (0, eval.crop_size={ev.crop_size}] (windows must cover the image)")
-    task = Task[str(getattr(cfg.task, "name", cfg.task))]
+    task = choice(cfg.task, Task)
     if task is Task.predict:
         _check(cfg.predict.checkpoint is not None, "task=predict needs predict.checkpoint=PATH (a run's last.pt)")
     stride = cfg.segnet.consistency_stride
@@ -431,7 +459,7 @@ def validate(cfg: Any) -> None:
     )
     lo, hi = ds.iou_range
     _check(0.0 <= lo <= hi <= 1.0, f"dataset.iou_range must satisfy 0 <= low <= high <= 1, got {list(ds.iou_range)}")
-    seg = SegNetName[str(getattr(cfg.segnet.name, "name", cfg.segnet.name))]
+    seg = choice(cfg.segnet.name, SegNetName)
     _check(cfg.segnet.output_stride in (8, 16, 32), f"segnet.output_stride must be 8, 16 or 32, got {cfg.segnet.output_stride}")
     from dcc.models.backbone import check_backbone
 

@@ -38,6 +38,13 @@ _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ----------------------------------------------------------------------------------------------- ranks
+def resolve_device(name: str) -> torch.device:
+    """``trainer.device``: ``auto`` is CUDA when available, else CPU; anything else is taken as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -222,6 +229,25 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor.detach().contiguous())
     return torch.cat(parts)
+
+
+def gather_rows(tensor: Tensor) -> Tensor:
+    """The rows of ``tensor`` of every rank, concatenated in rank order, on the CPU; the row counts may differ
+    between ranks (one object gather)."""
+    return torch.cat([t for t in gather_objects(tensor.cpu())])
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """Sum of ``tensor`` over ranks, in place (one all_reduce); unchanged for one process."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def rank_items(num_items: int) -> list[int]:
+    """This rank's share of ``range(num_items)``: every item exactly once over all ranks (unlike
+    DistributedSampler, which pads with repeats); everything for one process."""
+    return list(range(rank(), num_items, world_size()))
 
 
 def mean_over_ranks(values: Tensor) -> Tensor:

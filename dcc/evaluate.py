@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dcc import distributed as ddp
 from dcc.metrics import confusion_matrix, mean_average_precision, present_classes, scores
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -86,15 +86,6 @@ def predict(model: Model, image: torch.Tensor, *, mode: str = "whole", pad_multi
     raise ValueError(f"eval.mode must be whole or slide, got {mode!r}")
 
 
-def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Rows of ``tensor`` from every rank of torch.distributed, concatenated (unchanged without it)."""
-    if dist.is_available() and dist.is_initialized():
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, tensor.cpu())
-        return torch.cat(parts)
-    return tensor.cpu()
-
-
 def weak_scores(model: Any, image: torch.Tensor, pad_multiple: int = 8) -> torch.Tensor:
     """C_w's logits ``[B, K_fg]`` on whole images (padded like :func:`predict_whole`)."""
     h, w = image.shape[-2:]
@@ -102,13 +93,6 @@ def weak_scores(model: Any, image: torch.Tensor, pad_multiple: int = 8) -> torch
     if pad_h or pad_w:
         image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect" if pad_h < h and pad_w < w else "replicate")
     return model.weak_logits(model.features(image)).float()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum of ``tensor`` over the ranks of torch.distributed (in place); unchanged without it."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 @torch.no_grad()
@@ -143,7 +127,7 @@ def evaluate(
         for i in range(min(len(image), keep - len(kept))):
             kept.append((image[i].cpu(), target[i].cpu(), pred[i].cpu()))
     model.train(was_training)
-    conf = all_reduce_sum(conf).cpu()
+    conf = ddp.sum_over_ranks(conf).cpu()
     result = scores(conf)
     result["confusion"] = conf
     result["mode"] = mode
@@ -153,7 +137,7 @@ def evaluate(
         result["pad_multiple"] = pad_multiple
     result["samples"] = kept
     if weak:
-        outs = _gather_rows(torch.cat(weak_out) if weak_out else torch.zeros(0, num_classes - 1))
-        trues = _gather_rows(torch.cat(weak_true) if weak_true else torch.zeros(0, num_classes - 1))
+        outs = ddp.gather_rows(torch.cat(weak_out) if weak_out else torch.zeros(0, num_classes - 1))
+        trues = ddp.gather_rows(torch.cat(weak_true) if weak_true else torch.zeros(0, num_classes - 1))
         result["weak_map"] = mean_average_precision(outs.numpy(), trues.numpy())
     return result

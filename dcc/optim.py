@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dcc.config import OptimName
+from dcc.config import OptimName, choice
 from dcc.models.segmentor import Segmentor
 
 
@@ -19,7 +19,7 @@ def build_optimizer(cfg: Any, model: Segmentor) -> torch.optim.Optimizer:
     ]
     for g in groups:
         g["initial_lr"] = g["lr"]
-    name = oc.name if isinstance(oc.name, OptimName) else OptimName[str(oc.name)]
+    name = choice(oc.name, OptimName)
     if name is OptimName.sgd:
         return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
     return torch.optim.AdamW(groups, lr=oc.lr, weight_decay=oc.weight_decay)

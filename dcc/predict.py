@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from dcc.data.files import DataError, read_image
+from dcc.distributed import resolve_device
 from dcc.evaluate import eval_options, predict
 from dcc.visualize import dataset_palette, palette
 
@@ -36,12 +37,6 @@ def save_palette_png(mask: np.ndarray, path: Path, pal: np.ndarray | None = None
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
     return path
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_model(cfg: Any, checkpoint: str | Path, device: torch.device) -> torch.nn.Module:
@@ -99,7 +94,7 @@ def run_predict(cfg: Any, launch_dir: Path | None = None) -> list[Path]:
     launch_dir = (launch_dir or Path.cwd()).resolve()
     out = Path(pc.output).expanduser()
     out = out if out.is_absolute() else launch_dir / out
-    device = _resolve_device(str(cfg.trainer.device))
+    device = resolve_device(str(cfg.trainer.device))
     model = load_model(cfg, pc.checkpoint, device)
     options = eval_options(cfg)
     mean = torch.tensor(list(cfg.dataset.mean), device=device).view(1, 3, 1, 1)

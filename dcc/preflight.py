@@ -84,9 +84,9 @@ def check_tracking(uri: str, source: str) -> None:
 
 def tracking_source(cfg: Any, launch_dir: Path) -> tuple[str, str] | None:
     """``(uri, where it was set)`` of the MLflow store a run would log to, or None with ``logger=none``."""
-    from dcc.tracking import default_tracking_uri
+    from dcc.tracking import default_tracking_uri, logging_off
 
-    if str(getattr(cfg.logger.name, "name", cfg.logger.name)) == "none":
+    if logging_off(cfg):
         return None
     if cfg.logger.tracking_uri:
         return str(cfg.logger.tracking_uri), "logger.tracking_uri"

@@ -19,7 +19,6 @@ import argparse
 import csv
 import io
 import math
-import os
 import re
 import statistics
 import sys
@@ -27,10 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-# Tags that the sweep callback (dcc.sweep_callback) puts on a sweep's parent run.
-SWEEP_TAG = "dcc.sweep"
-SWEEP_NAME_TAG = "dcc.sweep_name"
-PARENT_TAG = "mlflow.parentRunId"
+from dcc.config import result_neutral
+from dcc.tracking import PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, default_tracking_uri  # noqa: F401 - PARENT_TAG, SWEEP_TAG: used by tests
 
 BEST, LAST = "val/best_miou", "val/final_miou"
 
@@ -68,11 +65,6 @@ def switches_label(preset: str, params: dict[str, str]) -> str | None:
         method = params.get("loss/method", "st" if preset == "st" else "suponly")
         return "self-training" if method == "st" else "supervised only"
     return on + ("+weak" if params.get("loss/weak", "").lower() == "true" else "")
-IGNORED_PREFIXES = (
-    "task", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
-    "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
-    "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
-)
 
 # ---------------------------------------------------------------------------------------------------
 # The paper's numbers (Lai et al., CVPR 2021), mIoU in percent.
@@ -251,7 +243,7 @@ def _col_key(col: tuple[tuple[str, str], ...]) -> tuple[Any, ...]:
 def _ignored(key: str) -> bool:
     if key in SEED_KEYS or key in ROW_KEYS or key in SPLIT_KEYS:
         return True
-    return any(key == p or key.startswith(p + "/") for p in IGNORED_PREFIXES)
+    return result_neutral(key)
 
 
 def varying_keys(params: Sequence[dict[str, str]]) -> list[str]:
@@ -636,10 +628,6 @@ def report_for_parent(client: Any, parent_run_id: str, *, by: Sequence[str] | No
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:80] or "report"
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,10 +21,11 @@ from dcc.train import FitResult, fit
 log = logging.getLogger(__name__)
 
 
-class PseudoLabeledSource:
-    """The unlabeled training images with the teacher's pseudo-labels (a Source: ``load(i) -> (image, mask)``)."""
+class SubsetSource:
+    """Images ``indices`` of a source (a Source: ``load(i) -> (image, mask)``) with other masks: the teacher's
+    pseudo-labels, or none (a dummy all-zero mask: the eval loader expects one)."""
 
-    def __init__(self, base: Any, indices: np.ndarray, masks: list[np.ndarray]) -> None:
+    def __init__(self, base: Any, indices: np.ndarray, masks: list[np.ndarray] | None = None) -> None:
         self.base, self.indices, self.masks = base, indices, masks
 
     def __len__(self) -> int:
@@ -32,35 +33,21 @@ class PseudoLabeledSource:
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         image, _ = self.base.load(int(self.indices[i]))
-        return image, self.masks[i]
+        return image, self.masks[i] if self.masks is not None else np.zeros(image.shape[:2], dtype=np.uint8)
 
 
 @torch.no_grad()
-def pseudo_label(model: Segmentor, cfg: Any, data: DataBundle, device: torch.device) -> PseudoLabeledSource:
+def pseudo_label(model: Segmentor, cfg: Any, data: DataBundle, device: torch.device) -> SubsetSource:
     """Argmax of the teacher at native resolution; pixels under ``loss.st_threshold`` confidence become ignore."""
     model.eval()
-    loader = eval_loader(cfg, _Unlabeled(data.train, data.unlabeled), device, sharded=False)
+    loader = eval_loader(cfg, SubsetSource(data.train, data.unlabeled), device, sharded=False)
     masks: list[np.ndarray] = []
     for image, _ in loader:
         prob = predict_whole(model, image.to(device)).softmax(1)
         conf, label = prob.max(1)
         label[conf < cfg.loss.st_threshold] = cfg.dataset.ignore_index
         masks.extend(label.to(torch.uint8).cpu().numpy())
-    return PseudoLabeledSource(data.train, data.unlabeled, masks)
-
-
-class _Unlabeled:
-    """The unlabeled subset of a source, with a dummy mask (the eval loader expects one)."""
-
-    def __init__(self, base: Any, indices: np.ndarray) -> None:
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        image, _ = self.base.load(int(self.indices[i]))
-        return image, np.zeros(image.shape[:2], dtype=np.uint8)
+    return SubsetSource(data.train, data.unlabeled, masks)
 
 
 def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, run_dir: Path) -> FitResult:

@@ -30,13 +30,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.tracking import PARENT_RUN_ENV, SWEPT_KEYS_ENV, default_tracking_uri
+from dcc.tracking import (PARENT_RUN_ENV, PARENT_TAG, SWEEP_KEY_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_KEYS_ENV,
+                          default_tracking_uri, experiment_id)
 
 log = logging.getLogger(__name__)
 
-SWEEP_TAG = "dcc.sweep"  # the same names as dcc.report reads
-SWEEP_NAME_TAG = "dcc.sweep_name"
-SWEEP_KEY_TAG = "dcc.sweep_key"
 DEFAULT_JOB_NAME = "run"  # hydra.job.name of run.py when not overridden
 
 
@@ -113,14 +111,7 @@ class MLflowSweepParent(Callback):
         if not self.sweep_dir.is_absolute():
             self.sweep_dir = cwd / self.sweep_dir
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is not None:
-            exp_id = exp.experiment_id
-        else:
-            try:
-                exp_id = self.client.create_experiment(experiment)
-            except Exception:  # noqa: BLE001 - created meanwhile by someone else
-                exp_id = self.client.get_experiment_by_name(experiment).experiment_id
+        exp_id = experiment_id(self.client, experiment)
 
         key = sweep_key(config)
         found: list[Any] = []
@@ -206,7 +197,7 @@ class MLflowSweepParent(Callback):
         from dcc import report as rep
 
         children = rep.search_all(self.client, [e.experiment_id for e in self.client.search_experiments()],
-                                  f"tags.`{rep.PARENT_TAG}` = '{self.run_id}'")
+                                  f"tags.`{PARENT_TAG}` = '{self.run_id}'")
         counts: dict[str, int] = {}
         for r in children:
             counts[r.info.status] = counts.get(r.info.status, 0) + 1

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from dcc.config import LoggerName, choice
+
 log = logging.getLogger(__name__)
 
 # Set by a sweep's launcher callback to the MLflow run id that groups the sweep's jobs.
@@ -22,9 +24,17 @@ PARENT_RUN_ENV = "DCC_MLFLOW_PARENT_RUN"
 # Set by the same callback to the comma-separated override keys the sweep varies (they go into run names).
 SWEPT_KEYS_ENV = "DCC_SWEPT_KEYS"
 
+# Tags: the sweep callback puts the first three on a sweep's parent run, MLflow groups child runs by the last;
+# the report finds sweeps and their jobs by them.
+SWEEP_TAG = "dcc.sweep"
+SWEEP_NAME_TAG = "dcc.sweep_name"
+SWEEP_KEY_TAG = "dcc.sweep_key"
+PARENT_TAG = "mlflow.parentRunId"
+
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created) between processes of this machine; released on exit."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -32,6 +42,9 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_file_lock = file_lock  # the old private name, still imported by dcc/data/digits_pretrain.py
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -46,8 +59,33 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def default_tracking_uri(launch_dir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+def default_tracking_uri(launch_dir: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the launch directory (default: the current directory)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{((launch_dir or Path()) / 'mlflow.db').resolve()}"
+
+
+def tracking_uri(cfg: Any, launch_dir: Path | None = None) -> str:
+    """The MLflow store of a config: ``logger.tracking_uri``, else :func:`default_tracking_uri`."""
+    return cfg.logger.tracking_uri or default_tracking_uri(launch_dir)
+
+
+def logging_off(cfg: Any) -> bool:
+    """``logger=none``."""
+    return choice(cfg.logger.name, LoggerName) is LoggerName.none
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of MLflow experiment ``name``, created when missing (another job may create it at the same time)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - another job created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def git_commit(cwd: Path) -> str:
@@ -92,23 +130,11 @@ class MLflowTracker:
         if tracking_uri.startswith("sqlite:///"):
             # A new SQLite store is created by schema migrations that race when parallel jobs start
             # together; one job at a time creates it, the others wait on a lock file beside it.
-            with _file_lock(Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock")):
+            with file_lock(Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock")):
                 self.client = MlflowClient(tracking_uri=tracking_uri)
                 self.client.search_experiments(max_results=1)
         else:
             self.client = MlflowClient(tracking_uri=tracking_uri)
-
-    def _experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(self.experiment)
-        except Exception:  # noqa: BLE001 - another job created it first
-            exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                raise
-            return exp.experiment_id
 
     def start(
         self, *, run_id: str | None, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
@@ -118,20 +144,20 @@ class MLflowTracker:
         from mlflow.entities import Param
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-        self.experiment_id = self._experiment_id()
+        self.experiment_id = experiment_id(self.client, self.experiment)
         parent = os.environ.get(PARENT_RUN_ENV)
         if run_id is not None:
             try:
                 self.client.update_run(run_id, status="RUNNING")
                 if parent:  # continued by a re-run sweep: it joins that sweep's group
-                    self.client.set_tag(run_id, "mlflow.parentRunId", parent)
+                    self.client.set_tag(run_id, PARENT_TAG, parent)
                 self.run_id = run_id
                 return run_id
             except Exception as exc:  # noqa: BLE001
                 log.warning("cannot resume MLflow run %s (%s): starting a new run", run_id, exc)
         tags = dict(tags)
         if parent:  # a sweep's parent run (created by the multirun callback): the UI groups the jobs under it
-            tags["mlflow.parentRunId"] = parent
+            tags[PARENT_TAG] = parent
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
@@ -164,8 +190,6 @@ class MLflowTracker:
 
 
 def make_tracker(cfg: Any, launch_dir: Path) -> NullTracker | MLflowTracker:
-    name = getattr(cfg.logger.name, "name", cfg.logger.name)
-    if str(name) == "none":
+    if logging_off(cfg):
         return NullTracker()
-    uri = cfg.logger.tracking_uri or default_tracking_uri(launch_dir)
-    return MLflowTracker(uri, cfg.logger.experiment)
+    return MLflowTracker(tracking_uri(cfg, launch_dir), cfg.logger.experiment)

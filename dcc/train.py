@@ -2,7 +2,13 @@
 
 One call of :func:`fit` trains one model for ``trainer.max_steps`` steps, evaluating, logging and
 checkpointing as configured, and resuming from ``<state_dir>/last.pt`` when it exists (unless
-``trainer.resume=restart``; see :mod:`dcc.resume`).
+``trainer.resume=restart``; see :mod:`dcc.resume`). It reads in four named pieces of :class:`Trainer`:
+
+* ``__init__`` (set-up: seeds, model, optimiser, the consistency branch) and :meth:`Trainer.restore`
+  (the checkpoint: weights, optimiser, bank, per-rank RNG streams);
+* :meth:`Trainer.step`: one update, ``L = L_ce + lambda L_dc (+ lambda_w L_w)``;
+* :meth:`Trainer.after_step`: the interval hooks (log, evaluate, checkpoint, stop on a signal);
+* :meth:`Trainer.finish`: the final evaluation, per-class IoU and the prediction grid.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +28,7 @@ from tqdm import tqdm
 
 from dcc import checkpoint as ckpt
 from dcc import distributed as ddp
-from dcc.config import Method, Precision, ViewBN
+from dcc.config import Method, Precision, ViewBN, choice
 from dcc.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
 from dcc.data.digits_pretrain import embedded_backbone_weights
@@ -46,27 +52,12 @@ class NonFiniteLossError(RuntimeError):
 class FitResult:
     final_miou: float
     best_miou: float
-    final: dict[str, Any]
     model: Segmentor
-    state_dir: Path
     steps: int
-    history: list[tuple[int, float]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _method(cfg: Any) -> Method:
-    m = cfg.loss.method
-    return m if isinstance(m, Method) else Method[str(m)]
 
 
 def _autocast(cfg: Any, device: torch.device) -> Callable[[], Any] | None:
-    p = cfg.trainer.precision
-    p = p if isinstance(p, Precision) else Precision[str(p)]
+    p = choice(cfg.trainer.precision, Precision)
     if p is Precision.fp32:
         return None
     dtype = torch.bfloat16 if p is Precision.bf16 else torch.float16
@@ -116,192 +107,252 @@ def _restore_rng(state: dict[str, Any], seed: int) -> None:
         ddp.seed_rank(seed + state["step"])
 
 
-def fit(
-    cfg: Any,
-    data: DataBundle,
-    device: torch.device,
-    tracker: Any,
-    state_dir: Path,
-    *,
-    prefix: str = "",
-    method: Method | None = None,
-    extra_labeled: tuple[Any, np.ndarray] | None = None,
-    class_names: list[str] | None = None,
-) -> FitResult:
-    """Train one model.
+@dataclass
+class _Progress:
+    """What a checkpoint holds besides the modules' states."""
 
-    method: overrides ``loss.method`` (self-training trains its teacher with ``suponly``).
+    step: int = 0  # steps are counted from 1: "step s" is the state after s updates
+    best: float = -1.0
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, val mIoU) of every evaluation
+    final: dict[str, Any] = field(default_factory=dict)  # the evaluation at max_steps, once reached
+
+
+class Trainer:
+    """One model's training: set-up, restore, step, interval hooks, finish (see the module docstring).
+
+    method: overrides ``loss.method`` (self-training trains its teacher and its student with ``suponly``).
     extra_labeled: ``(source, indices)`` of pseudo-labeled images, batched ``trainer.unlabeled_batch_size``
     per step beside the labeled batch (self-training's student).
     prefix: prepended to metric names (``teacher/``).
     """
-    tc = cfg.trainer
-    method = method or _method(cfg)
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed % (2**32))
-    model = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
-    if method is not Method.cac and model.projector is not None:
-        model.projector = None
-    model = ddp.sync_batchnorm(model, device)  # several processes on GPUs: BN statistics over the whole batch
-    ddp.seed_rank(tc.seed)  # same initial weights on every rank, then distinct dropout / sampling streams
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if tc.compile:  # in place, so state-dict keys stay those of the eager model
-        model.backbone.compile()
-        model.head.compile()
-    optimizer = build_optimizer(cfg, model)
-    scheduler = poly_scheduler(optimizer, tc.max_steps, cfg.optim.poly_power)
-    diagnostics = bool(tc.diagnostics) and not isinstance(tracker, NullTracker)  # no cost when nothing is logged
-    branch = ConsistencyBranch(
-        cfg.loss, shared_bn=ViewBN[str(tc.view_bn)] is ViewBN.shared, diagnostics=diagnostics,
-        num_classes=cfg.dataset.num_classes, ignore_index=cfg.dataset.ignore_index,
-    ) if method is Method.cac else None
-    autocast = _autocast(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast is not None and str(tc.precision).endswith("fp16"))
 
-    state_dir.mkdir(parents=True, exist_ok=True)
-    last = state_dir / "last.pt"
-    step, best, history = 0, -1.0, []
-    final: dict[str, Any] = {}
-    mode = resume_mode(cfg)
-    if ddp.is_main():
-        ckpt.remove_stale_tmp(last)  # left by a write that was killed; last.pt itself is intact
-        if mode == "restart" and last.exists():  # dcc.app moves a whole run aside first; this is for direct callers
-            aside = last.with_name(f"last.pt.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            last.rename(aside)
-            log.warning("trainer.resume=restart: moved %s to %s", last, aside)
-    ddp.barrier()
-    if mode != "restart" and last.exists():
-        state = ckpt.load(last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if branch is not None and state.get("bank") is not None:
-            branch.bank.load_state_dict(state["bank"], device)
-        _restore_rng(state, tc.seed)
-        step, best, history = state["step"], state["best_miou"], state["history"]
-        final = state.get("final", {})
-        log.info("%sresumed from %s at step %d", prefix, last, step)
-    ddp.broadcast_module(model)
+    def __init__(self, cfg: Any, data: DataBundle, device: torch.device, tracker: Any, state_dir: Path, *,
+                 prefix: str = "", method: Method | None = None,
+                 extra_labeled: tuple[Any, np.ndarray] | None = None) -> None:
+        self.cfg, self.tc, self.data, self.device, self.tracker = cfg, cfg.trainer, data, device, tracker
+        self.state_dir, self.last, self.prefix, self.extra_labeled = state_dir, state_dir / "last.pt", prefix, extra_labeled
+        self.ignore = cfg.dataset.ignore_index
+        tc = self.tc
+        method = method or choice(cfg.loss.method, Method)
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed % (2**32))
+        model = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
+        if method is not Method.cac and model.projector is not None:
+            model.projector = None
+        model = ddp.sync_batchnorm(model, device)  # several processes on GPUs: BN statistics over the whole batch
+        ddp.seed_rank(tc.seed)  # same initial weights on every rank, then distinct dropout / sampling streams
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if tc.compile:  # in place, so state-dict keys stay those of the eager model
+            model.backbone.compile()
+            model.head.compile()
+        self.model = model
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = poly_scheduler(self.optimizer, tc.max_steps, cfg.optim.poly_power)
+        diagnostics = bool(tc.diagnostics) and not isinstance(tracker, NullTracker)  # no cost when nothing is logged
+        self.branch = ConsistencyBranch(
+            cfg.loss, shared_bn=choice(tc.view_bn, ViewBN) is ViewBN.shared, diagnostics=diagnostics,
+            num_classes=cfg.dataset.num_classes, ignore_index=self.ignore,
+        ) if method is Method.cac else None
+        self.autocast = _autocast(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is not None
+                                           and str(tc.precision).endswith("fp16"))
+        self.progress = _Progress()
+        self.meter = _Meter()
+        self.unlabeled: Iterator[dict[str, torch.Tensor]] | None = None  # opened at loss.start_step
 
-    ignore = cfg.dataset.ignore_index
-    val = eval_loader(cfg, data.val, device)
-    lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=step, device=device))
-    extra = (
-        iter(labeled_loader(cfg, extra_labeled[0], extra_labeled[1], start_step=step, device=device,
-                            stream="pseudo", batch_size=tc.unlabeled_batch_size))
-        if extra_labeled is not None else None
-    )
-    unl = None
-    start_u = cfg.loss.start_step
-    meter = _Meter()
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not tc.progress or not ddp.is_main(), desc=f"{prefix}train", mininterval=2.0,
-               dynamic_ncols=True)
-    model.train()
-    guard = PreemptionGuard().__enter__()
+    # ------------------------------------------------------------------------------------- restore
+    def restore(self) -> None:
+        """Continue from ``last.pt`` (unless ``trainer.resume=restart``); every rank ends with rank 0's weights."""
+        last = self.last
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        mode = resume_mode(self.cfg)
+        if ddp.is_main():
+            ckpt.remove_stale_tmp(last)  # left by a write that was killed; last.pt itself is intact
+            if mode == "restart" and last.exists():  # dcc.app moves a whole run aside first; this is for direct callers
+                aside = last.with_name(f"last.pt.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                last.rename(aside)
+                log.warning("trainer.resume=restart: moved %s to %s", last, aside)
+        ddp.barrier()
+        if mode != "restart" and last.exists():
+            state = ckpt.load(last)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.branch is not None and state.get("bank") is not None:
+                self.branch.bank.load_state_dict(state["bank"], self.device)
+            _restore_rng(state, self.tc.seed)
+            self.progress = _Progress(state["step"], state["best_miou"], state["history"], state.get("final", {}))
+            log.info("%sresumed from %s at step %d", self.prefix, last, self.progress.step)
+        ddp.broadcast_module(self.model)
 
-    def save(finished: bool = False) -> None:
-        ddp.average_buffers(model)
+    # ---------------------------------------------------------------------------------------- step
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One update on a labeled batch (and, for CAC from ``loss.start_step``, an unlabeled pair batch):
+
+        ``L = L_ce + lambda L_dc (+ lambda_w L_w)`` (paper Eq. 4 and Eq. 10; lambda = ``loss.weight``,
+        lambda_w = ``loss.weak_weight``; ``loss_u`` is L_dc, or the L2 alignment of ablation row I).
+        """
+        loss_cfg = self.cfg.loss
+        with self._autocast():
+            terms = {"loss_ce": cross_entropy(self.model(x).float(), y, self.ignore)}
+            loss = terms["loss_ce"]
+            if self.branch is not None and self.progress.step >= loss_cfg.start_step:
+                terms.update({k: v.float() for k, v in self.branch(self.model, self._unlabeled_batch()).items()})
+                loss = loss + loss_cfg.weight * terms["loss_u"]  # + lambda * L_dc
+                if "loss_w" in terms:  # Eq. 10: + lambda_w * L_w
+                    loss = loss + loss_cfg.weak_weight * terms["loss_w"]
+        terms["loss"] = loss
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        ddp.average_gradients(self.model)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return terms
+
+    def _autocast(self) -> ContextManager[Any]:
+        return self.autocast() if self.autocast else contextlib.nullcontext()
+
+    def _unlabeled_batch(self) -> dict[str, torch.Tensor]:
+        if self.unlabeled is None:
+            start = self.progress.step - self.cfg.loss.start_step
+            self.unlabeled = iter(unlabeled_loader(self.cfg, self.data.train, self.data.unlabeled, start_step=start,
+                                                   device=self.device, image_labels=self.data.image_labels,
+                                                   with_masks=self.branch is not None and self.branch.diagnostics))
+        return {k: v.to(self.device, non_blocking=True) for k, v in next(self.unlabeled).items()}
+
+    def _labeled_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The labeled stream (with self-training's pseudo-labeled stream appended to each batch), on the device."""
+        cfg, data, device, start = self.cfg, self.data, self.device, self.progress.step
+        lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=start, device=device))
+        extra = (
+            iter(labeled_loader(cfg, self.extra_labeled[0], self.extra_labeled[1], start_step=start, device=device,
+                                stream="pseudo", batch_size=self.tc.unlabeled_batch_size))
+            if self.extra_labeled is not None else None
+        )
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            while True:
+                x, y = next(lab)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if extra is not None:
+                    xp, yp = next(extra)
+                    x, y = torch.cat([x, xp.to(device)]), torch.cat([y, yp.to(device)])
+                yield x, y
+
+        return batches()
+
+    # ------------------------------------------------------------------------------------ the loop
+    def train(self) -> FitResult:
+        tc, p = self.tc, self.progress
+        self.val = eval_loader(self.cfg, self.data.val, self.device)
+        batches = self._labeled_batches()
+        self.bar = tqdm(total=tc.max_steps, initial=p.step, disable=not tc.progress or not ddp.is_main(),
+                        desc=f"{self.prefix}train", mininterval=2.0, dynamic_ncols=True)
+        self.model.train()
+        with PreemptionGuard() as self.guard:
+            while p.step < tc.max_steps:
+                terms = self.step(*next(batches))
+                p.step += 1
+                self.meter.add(p.step, terms)
+                self.bar.update(1)
+                self.after_step()
+        self.bar.close()
+        return self.finish()
+
+    # ------------------------------------------------------------------------------ interval hooks
+    def after_step(self) -> None:
+        """Log at ``log_every``, evaluate at ``eval_every``, checkpoint at ``checkpoint_every`` (all three at the
+        last step); on a signal (preemption, time limit) log, checkpoint and hand the signal on."""
+        tc, step = self.tc, self.progress.step
+        is_last = step == tc.max_steps
+        stop = self.guard.requested  # preemption / time limit: log and checkpoint now, then let the launcher requeue
+        if ddp.world_size() > 1:  # every rank must stop at the same step: agreed at log intervals
+            stop = step % tc.log_every == 0 and ddp.any_rank(stop, self.device)
+        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last or stop:
+            self.log_losses()
+        if step % tc.eval_every == 0 or is_last:
+            self.validate(is_last)
+        if step % tc.checkpoint_every == 0 or is_last or stop:
+            self.save(finished=is_last)
+        if stop:
+            if ddp.is_main():
+                self.bar.write(f"{self.prefix}{signal.Signals(self.guard.signum).name}: checkpoint written at step "
+                               f"{step} to {self.last}; continue with: {continue_command()}")
+            self.bar.close()
+            self.guard.hand_on()
+
+    def log_losses(self) -> None:
+        scalars = self.meter.flush()  # raises on a non-finite loss before anything is saved
+        if scalars:
+            scalars["lr"] = self.optimizer.param_groups[1]["lr"]
+            self.tracker.log_metrics({f"{self.prefix}{'' if k.startswith('diag/') else 'train/'}{k}": v
+                                      for k, v in scalars.items()}, self.progress.step)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
+
+    def _evaluate(self, keep: int) -> dict[str, Any]:
+        ddp.average_buffers(self.model)
+        return evaluate(self.model, self.val, self.cfg.dataset.num_classes, self.device, ignore_index=self.ignore,
+                        autocast=self.autocast, **eval_options(self.cfg), keep=keep)
+
+    def validate(self, is_last: bool) -> None:
+        p, pre = self.progress, self.prefix
+        res = self._evaluate(self.tc.num_vis if is_last else 0)
+        p.best = max(p.best, res["miou"])
+        p.history.append((p.step, res["miou"]))
+        self.tracker.log_metrics(
+            {f"{pre}val/miou": res["miou"], f"{pre}val/pixel_acc": res["pixel_acc"], f"{pre}val/best_miou": p.best}
+            | ({f"{pre}val/weak_map": res["weak_map"]} if "weak_map" in res else {}), p.step,
+        )
+        if ddp.is_main():
+            weak = f" weak mAP {res['weak_map']:.4f}" if "weak_map" in res else ""
+            self.bar.write(f"{pre}step {p.step}: val mIoU {res['miou']:.4f} (best {p.best:.4f}) "
+                           f"pixel acc {res['pixel_acc']:.4f}{weak}")
+        if is_last:
+            p.final = res
+
+    def save(self, finished: bool = False) -> None:
+        p = self.progress
+        ddp.average_buffers(self.model)
         rngs = ddp.gather_objects(ckpt.rng_state())  # every rank's stream, so that each resumes its own
         if ddp.is_main():
             ckpt.save_atomic(
                 {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "bank": branch.bank.state_dict() if branch is not None else None,
-                    "rng": rngs[0], "rng_ranks": rngs if len(rngs) > 1 else None, "step": step, "best_miou": best,
-                    "history": history, "final": final, "finished": finished,
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "bank": self.branch.bank.state_dict() if self.branch is not None else None,
+                    "rng": rngs[0], "rng_ranks": rngs if len(rngs) > 1 else None, "step": p.step, "best_miou": p.best,
+                    "history": p.history, "final": p.final, "finished": finished,
                 },
-                last,
+                self.last,
             )
         ddp.barrier()  # no rank goes on (or exits on a signal) before the checkpoint is written
 
-    try:
-        while step < tc.max_steps:
-            x, y = next(lab)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if extra is not None:
-                xp, yp = next(extra)
-                x, y = torch.cat([x, xp.to(device)]), torch.cat([y, yp.to(device)])
-            with autocast() if autocast else contextlib.nullcontext():
-                terms = {"loss_ce": cross_entropy(model(x).float(), y, ignore)}
-                total = terms["loss_ce"]
-                if branch is not None and step >= start_u:
-                    if unl is None:
-                        unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=step - start_u,
-                                                    device=device, image_labels=data.image_labels,
-                                                    with_masks=branch.diagnostics))
-                    batch = {k: v.to(device, non_blocking=True) for k, v in next(unl).items()}
-                    terms.update({k: v.float() for k, v in branch(model, batch).items()})
-                    total = total + cfg.loss.weight * terms["loss_u"]
-                    if "loss_w" in terms:  # Eq. 10: + lambda_w * L_w
-                        total = total + cfg.loss.weak_weight * terms["loss_w"]
-            terms["loss"] = total
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            ddp.average_gradients(model)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1  # steps are counted from 1: "step s" is the state after s updates
-            meter.add(step, terms)
-            bar.update(1)
+    # -------------------------------------------------------------------------------------- finish
+    def finish(self) -> FitResult:
+        """Per-class IoU, final and best mIoU, and the prediction grid of the final evaluation."""
+        cfg, p, pre = self.cfg, self.progress, self.prefix
+        final = p.final or self._evaluate(self.tc.num_vis)  # none: resumed from a finished checkpoint
+        names = list(cfg.dataset.class_names) or [str(i) for i in range(cfg.dataset.num_classes)]
+        self.tracker.log_metrics(
+            {f"{pre}val/iou/{n}": v for n, v in zip(names, final["iou"]) if not math.isnan(v)}
+            | {f"{pre}val/final_miou": final["miou"], f"{pre}val/best_miou": p.best},
+            p.step,
+        )
+        if final.get("samples") and ddp.is_main():
+            grid = save_prediction_grid(final["samples"], list(cfg.dataset.mean), list(cfg.dataset.std),
+                                        self.state_dir / "predictions.png",
+                                        class_names=list(cfg.dataset.class_names) or None,
+                                        ignore_index=cfg.dataset.ignore_index, pal=dataset_palette(cfg))
+            self.tracker.log_artifact(grid, f"{pre}predictions".rstrip("/"))
+        return FitResult(final_miou=final["miou"], best_miou=p.best, model=self.model, steps=p.step)
 
-            is_last = step == tc.max_steps
-            stop = guard.requested  # preemption / time limit: log and checkpoint now, then let the launcher requeue
-            if ddp.world_size() > 1:  # every rank must stop at the same step: agreed at log intervals
-                stop = step % tc.log_every == 0 and ddp.any_rank(stop, device)
-            if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last or stop:
-                scalars = meter.flush()  # raises on a non-finite loss before anything is saved
-                if scalars:
-                    scalars["lr"] = optimizer.param_groups[1]["lr"]
-                    tracker.log_metrics({f"{prefix}{'' if k.startswith('diag/') else 'train/'}{k}": v
-                                         for k, v in scalars.items()}, step)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
-            if step % tc.eval_every == 0 or is_last:
-                ddp.average_buffers(model)
-                res = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast, **eval_options(cfg),
-                               keep=tc.num_vis if is_last else 0)
-                best = max(best, res["miou"])
-                history.append((step, res["miou"]))
-                tracker.log_metrics(
-                    {f"{prefix}val/miou": res["miou"], f"{prefix}val/pixel_acc": res["pixel_acc"],
-                     f"{prefix}val/best_miou": best}
-                    | ({f"{prefix}val/weak_map": res["weak_map"]} if "weak_map" in res else {}), step,
-                )
-                if ddp.is_main():
-                    weak = f" weak mAP {res['weak_map']:.4f}" if "weak_map" in res else ""
-                    bar.write(f"{prefix}step {step}: val mIoU {res['miou']:.4f} (best {best:.4f}) "
-                              f"pixel acc {res['pixel_acc']:.4f}{weak}")
-                if is_last:
-                    final = res
-            if step % tc.checkpoint_every == 0 or is_last or stop:
-                save(finished=is_last)
-            if stop:
-                if ddp.is_main():
-                    bar.write(f"{prefix}{signal.Signals(guard.signum).name}: checkpoint written at step {step} to {last}; "
-                              f"continue with: {continue_command()}")
-                bar.close()
-                guard.hand_on()
-    finally:
-        guard.__exit__()
-    bar.close()
 
-    if not final:  # resumed from a finished checkpoint
-        ddp.average_buffers(model)
-        final = evaluate(model, val, cfg.dataset.num_classes, device, ignore_index=ignore, autocast=autocast, **eval_options(cfg),
-                         keep=tc.num_vis)
-    names = class_names or list(cfg.dataset.class_names) or [str(i) for i in range(cfg.dataset.num_classes)]
-    tracker.log_metrics(
-        {f"{prefix}val/iou/{n}": v for n, v in zip(names, final["iou"]) if not math.isnan(v)}
-        | {f"{prefix}val/final_miou": final["miou"], f"{prefix}val/best_miou": best},
-        step,
-    )
-    if final.get("samples") and ddp.is_main():
-        grid = save_prediction_grid(final["samples"], list(cfg.dataset.mean), list(cfg.dataset.std),
-                                    state_dir / "predictions.png",
-                                    class_names=class_names or list(cfg.dataset.class_names) or None,
-                                    ignore_index=cfg.dataset.ignore_index, pal=dataset_palette(cfg))
-        tracker.log_artifact(grid, f"{prefix}predictions".rstrip("/"))
-    return FitResult(final_miou=final["miou"], best_miou=best, final=final, model=model, state_dir=state_dir,
-                     steps=step, history=history)
+def fit(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, state_dir: Path, *, prefix: str = "",
+        method: Method | None = None, extra_labeled: tuple[Any, np.ndarray] | None = None) -> FitResult:
+    """Train one model (see :class:`Trainer` for the keyword arguments)."""
+    trainer = Trainer(cfg, data, device, tracker, state_dir, prefix=prefix, method=method, extra_labeled=extra_labeled)
+    trainer.restore()
+    return trainer.train()

@@ -53,12 +53,13 @@ def _one_step(cfg, state_dir: str) -> dict[str, float]:
     """In each spawned process: ``fit`` (resuming from ``state_dir/last.pt`` if there) with frozen BN; rank 0's
     logged metrics."""
     import dcc.train
-    from dcc.train import fit, resolve_device
+    from dcc.train import fit
+    from dcc.distributed import resolve_device
 
     build = dcc.train.build_model
 
-    def frozen_bn_model(c):  # noqa: ANN001, ANN202
-        model = build(c)
+    def frozen_bn_model(c, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        model = build(c, **kwargs)
         for m in model.modules():
             if type(m) is nn.BatchNorm2d:
                 m.__class__ = _FrozenBN

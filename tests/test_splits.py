@@ -7,11 +7,19 @@ import hashlib
 import numpy as np
 import pytest
 
-from dcc.data.build import DataBundle, build_data, split_indices
+from dcc.data.build import DataBundle, build_data
 from dcc.data.files import DataError
 from dcc.data.splits import generate_labeled, labeled_count, split_manifest, write_split_manifest
 from tests.conftest import compose_cfg
 from tests.realdata import VOC_EXTRA, VOC_FINE, city_names, make_cityscapes, make_voc
+
+
+def split_indices(num_train: int, fraction: float, seed: int, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The digits split of earlier releases (was dcc.data.build.split_indices): list ``index`` of ``seed``."""
+    n_labeled = max(1, int(round(num_train * fraction)))
+    labeled = generate_labeled(np.arange(num_train), n_labeled, seed, index)
+    unlabeled = np.setdiff1d(np.arange(num_train), labeled) if n_labeled < num_train else np.arange(num_train)
+    return labeled, unlabeled
 
 
 @pytest.fixture(scope="module")

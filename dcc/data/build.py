@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dcc import distributed as ddp
-from dcc.config import DatasetName, VocProtocol
+from dcc.config import DatasetName, VocProtocol, choice
 from dcc.data.datasets import ArraySource, LabeledDataset, UnlabeledPairDataset
 from dcc.data.digits import load_digit_scenes
 from dcc.data.files import DataError
-from dcc.data.splits import choose_split, generate_labeled
+from dcc.data.splits import choose_split
 
 
 @dataclass
@@ -36,14 +36,10 @@ class DataBundle:
     image_labels: np.ndarray | None = None  # float [len(train), num_classes - 1] with dataset.image_labels=true
 
 
-def _enum(value: Any, enum: type) -> Any:
-    return value if isinstance(value, enum) else enum[str(value)]
-
-
 def load_sources(cfg: Any) -> tuple[Any, Any]:
     """(train, val) sources of ``dataset.name``; a missing or incomplete root fails here, naming the layout."""
     ds = cfg.dataset
-    name = _enum(ds.name, DatasetName)
+    name = choice(ds.name, DatasetName)
     if name is DatasetName.digits:
         sc = ds.scenes
         arrays = load_digit_scenes(
@@ -64,7 +60,7 @@ def load_sources(cfg: Any) -> tuple[Any, Any]:
     if name is DatasetName.voc:
         from dcc.data.voc import load_voc
 
-        return load_voc(ds.root, protocol=_enum(ds.protocol, VocProtocol), num_classes=ds.num_classes,
+        return load_voc(ds.root, protocol=choice(ds.protocol, VocProtocol), num_classes=ds.num_classes,
                         ignore_index=ds.ignore_index)
     if name is DatasetName.cityscapes:
         from dcc.data.cityscapes import load_cityscapes
@@ -76,14 +72,6 @@ def load_sources(cfg: Any) -> tuple[Any, Any]:
         read_classes(ds.root)  # a wrong root fails here naming the layout, before the interpolated num_classes is read
         return load_folder(ds.root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
     raise ValueError(f"dataset.name={name.name} has no loader")  # pragma: no cover - enum is exhaustive
-
-
-def split_indices(num_train: int, fraction: float, seed: int, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic labeled/unlabeled split. With every label kept (``full``), all images are also used unlabeled."""
-    n_labeled = max(1, int(round(num_train * fraction)))
-    labeled = generate_labeled(np.arange(num_train), n_labeled, seed, index)
-    unlabeled = np.setdiff1d(np.arange(num_train), labeled) if n_labeled < num_train else np.arange(num_train)
-    return labeled, unlabeled
 
 
 def build_data(cfg: Any) -> DataBundle:
@@ -232,10 +220,7 @@ def unlabeled_loader(
 def shard(num_items: int) -> list[int]:
     """This process's share of ``range(num_items)`` under torch.distributed (every item exactly once over all
     ranks, unlike DistributedSampler, which pads with repeats); everything without it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return list(range(rank, num_items, world))
-    return list(range(num_items))
+    return ddp.rank_items(num_items)
 
 
 def eval_loader(cfg: Any, source: Any, device: torch.device, *, sharded: bool = True) -> DataLoader:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dcc.config import DatasetName, ImageLabelSource
+from dcc.config import DatasetName, ImageLabelSource, choice
 from dcc.data.files import DataError, read_raw_label
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,8 @@ def mask_image_labels(train: Any, num_classes: int) -> np.ndarray:
 def load_image_labels(cfg: Any, train: Any) -> np.ndarray:
     """float32 ``[len(train), num_classes - 1]``: the image-level labels of every training image."""
     ds = cfg.dataset
-    name = ds.name if isinstance(ds.name, DatasetName) else DatasetName[str(ds.name)]
-    source = ds.image_label_source
-    source = source if isinstance(source, ImageLabelSource) else ImageLabelSource[str(source)]
+    name = choice(ds.name, DatasetName)
+    source = choice(ds.image_label_source, ImageLabelSource)
     if name is DatasetName.digits:
         return labels_from_masks(train.masks, ds.num_classes)
     if name is DatasetName.folder:

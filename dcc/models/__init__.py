@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcc.config import Method, SegNetName
+from dcc.config import Method, SegNetName, choice
 from dcc.models.backbone import Backbone, WeightsError, build_backbone, load_local_weights
 from dcc.models.heads import DeepLabV3PlusHead, PSPHead
 from dcc.models.segmentor import Projector, Segmentor
@@ -12,15 +12,11 @@ from dcc.models.segmentor import Projector, Segmentor
 __all__ = ["Backbone", "Segmentor", "Projector", "WeightsError", "build_model", "load_local_weights"]
 
 
-def _enum(value: Any, enum: type) -> Any:
-    return value if isinstance(value, enum) else enum[str(value)]
-
-
 def build_model(cfg: Any, *, backbone_weights: str | None = None) -> Segmentor:
     """The segmentor of ``cfg``; ``backbone_weights`` (a local file) replaces ``backbone.weights`` when given
     (training passes the embedded benchmark's pretrained backbone, :mod:`dcc.data.digits_pretrain`)."""
     seg, bb = cfg.segnet, cfg.backbone
-    name = _enum(seg.name, SegNetName)
+    name = choice(seg.name, SegNetName)
     backbone = build_backbone(
         bb.name,
         output_stride=seg.output_stride,
@@ -46,7 +42,7 @@ def build_model(cfg: Any, *, backbone_weights: str | None = None) -> Segmentor:
             backbone.high_channels, channels=seg.channels, bins=list(seg.bins), stride=backbone.output_stride,
             dropout=seg.dropout, align_corners=seg.align_corners,
         )
-    uses_projector = _enum(cfg.loss.method, Method) is Method.cac and cfg.loss.proj
+    uses_projector = choice(cfg.loss.method, Method) is Method.cac and cfg.loss.proj
     return Segmentor(
         backbone,
         head,
