@@ -14,8 +14,8 @@ sys.argv = quote_split_overrides(sys.argv)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from dcc.app import run
-    from dcc.errors import one_message
+    from dcc.engine.job import run
+    from dcc.engine.errors import one_message
 
     return one_message(run, cfg)  # project errors: one message, no traceback (HYDRA_FULL_ERROR=1 shows it)
 

@@ -27,10 +27,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dcc.cli import quote_split_overrides  # noqa: E402
 from dcc.config import register_configs  # noqa: E402
-from dcc.consistency import ConsistencyBranch  # noqa: E402
+from dcc.method.consistency import ConsistencyBranch  # noqa: E402
 from dcc.data.build import build_data, labeled_loader, unlabeled_loader  # noqa: E402
-from dcc.models import build_model  # noqa: E402
-from dcc.optim import build_optimizer  # noqa: E402
+from dcc.method.models import build_model  # noqa: E402
+from dcc.engine.optim import build_optimizer  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 PHASES = ("data", "forward_sup", "forward_unsup_and_loss", "backward", "optimizer")

@@ -97,7 +97,7 @@ class CheckpointLog(Choice):
     full = "full"  # last.pt with the optimizer, scheduler, bank and RNG state (about 3x the weights with AdamW)
 
 
-# trainer.resume: what a run does with what its run directory already holds (see dcc/resume.py).
+# trainer.resume: what a run does with what its run directory already holds (see dcc/engine/resume.py).
 RESUME_CHOICES = ("auto", "true", "restart", "false")
 
 # Config keys (and groups) that do not change what a run computes: left out of the run directory's hash
@@ -108,7 +108,7 @@ RESULT_NEUTRAL_KEYS = (
     "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
     # The number of processes does not change what is computed, by design: the total batch, the data stream
     # and its augmentation, the loss normalisation and the negative bank are those of one process (see
-    # dcc/distributed.py), so a run may resume on another number of GPUs from the same directory.
+    # dcc/engine/distributed.py), so a run may resume on another number of GPUs from the same directory.
     "trainer/devices", "trainer/nodes", "trainer/dist_backend",
 )
 
@@ -235,7 +235,7 @@ class BackboneConfig:
     pretrained: bool = False  # load timm's own weights from its local cache
     allow_download: bool = False  # let timm download them when they are not cached
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
-    # ViT only (dcc/models/vit.py): transformer blocks feeding the feature pyramid; [] = the last block for
+    # ViT only (dcc/method/models/vit.py): transformer blocks feeding the feature pyramid; [] = the last block for
     # every level, [b] = block b for every level, [b_low, b_high] = the stride-4 level from b_low, the rest from b_high
     vit_blocks: list[int] = field(default_factory=list)
 
@@ -292,14 +292,14 @@ class TrainerConfig:
     resume: str = "auto"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under several processes: cuda:LOCAL_RANK)
-    devices: int = 1  # processes (GPUs) per machine; > 1: data-parallel training, see dcc/distributed.py
+    devices: int = 1  # processes (GPUs) per machine; > 1: data-parallel training, see dcc/engine/distributed.py
     nodes: int = 1  # machines (a launcher must start the processes on each: hydra/launcher=slurm, torchrun)
     dist_backend: DistBackend = DistBackend.auto  # torch.distributed backend: auto (nccl on GPUs, gloo on CPU)
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the backbone and the head
-    view_bn: ViewBN = ViewBN.per_view  # CAC: BN statistics of the two unlabeled views (see dcc/consistency.py)
-    diagnostics: bool = True  # CAC: log diag/ figures of the consistency branch (dcc/diagnostics.py); off with logger=none
+    view_bn: ViewBN = ViewBN.per_view  # CAC: BN statistics of the two unlabeled views (see dcc/method/consistency.py)
+    diagnostics: bool = True  # CAC: log diag/ figures of the consistency branch (dcc/method/diagnostics.py); off with logger=none
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     runs_root: str = "runs"  # run directories live under <launch dir>/<runs_root>/
     progress: bool = True
@@ -355,9 +355,19 @@ def _check(ok: bool, message: str) -> None:
 
 
 def validate(cfg: Any) -> None:
-    """Cross-field rules. ``cfg`` is the composed DictConfig (or a :class:`Config`)."""
-    loss = cfg.loss
-    method = choice(loss.method, Method)
+    """Cross-field rules, group by group. ``cfg`` is the composed DictConfig (or a :class:`Config`)."""
+    method = choice(cfg.loss.method, Method)
+    _validate_loss(cfg.loss, method, cfg.dataset)
+    _validate_split(cfg.split)
+    _validate_trainer(cfg.trainer, method)
+    _validate_dataset(cfg.dataset)
+    _validate_eval(cfg.eval)
+    if choice(cfg.task, Task) is Task.predict:
+        _check(cfg.predict.checkpoint is not None, "task=predict needs predict.checkpoint=PATH (a run's last.pt)")
+    _validate_network(cfg.segnet, cfg.backbone, cfg.dataset)
+
+
+def _validate_loss(loss: Any, method: Method, ds: Any) -> None:
     switches = ("proj", "context", "cl", "dir", "ns", "pf")
     if method is not Method.cac:
         on = [s for s in switches if loss[s]]
@@ -381,36 +391,44 @@ def validate(cfg: Any) -> None:
     if loss.weak:
         _check(method is Method.cac,
                f"loss.weak=true adds C_w to CAC's unlabeled branch (Eq. 10): it needs loss.method=cac, got {method.name}")
-        _check(bool(cfg.dataset.image_labels),
+        _check(bool(ds.image_labels),
                "loss.weak=true needs image-level labels of the unlabeled images: set dataset.image_labels=true")
     _check(loss.selected_num > 0, f"loss.selected_num must be > 0, got {loss.selected_num}")
     _check(loss.bank_steps >= 0, f"loss.bank_steps must be >= 0, got {loss.bank_steps}")
     _check(loss.start_step >= 0, f"loss.start_step must be >= 0, got {loss.start_step}")
-    _check(0.0 < cfg.split.fraction <= 1.0, f"split.fraction must be in (0, 1], got {cfg.split.fraction}")
-    _check(cfg.split.index >= 0, f"split.index must be >= 0, got {cfg.split.index}")
+
+
+def _validate_split(split: Any) -> None:
+    _check(0.0 < split.fraction <= 1.0, f"split.fraction must be in (0, 1], got {split.fraction}")
+    _check(split.index >= 0, f"split.index must be >= 0, got {split.index}")
     _check(
-        cfg.split.unlabeled_list is None or cfg.split.labeled_list is not None,
+        split.unlabeled_list is None or split.labeled_list is not None,
         "split.unlabeled_list needs split.labeled_list (the unlabeled images are otherwise every image not labeled)",
     )
+
+
+def _validate_trainer(tc: Any, method: Method) -> None:
     _check(
-        str(cfg.trainer.resume).lower() in RESUME_CHOICES,
-        f"trainer.resume must be one of auto, true, restart (false = restart), got {cfg.trainer.resume!r}",
+        str(tc.resume).lower() in RESUME_CHOICES,
+        f"trainer.resume must be one of auto, true, restart (false = restart), got {tc.resume!r}",
     )
-    _check(cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}")
-    _check(cfg.trainer.batch_size > 0, f"trainer.batch_size must be > 0, got {cfg.trainer.batch_size}")
+    _check(tc.max_steps > 0, f"trainer.max_steps must be > 0, got {tc.max_steps}")
+    _check(tc.batch_size > 0, f"trainer.batch_size must be > 0, got {tc.batch_size}")
     for key in ("eval_every", "log_every", "checkpoint_every"):
-        _check(cfg.trainer[key] > 0, f"trainer.{key} must be > 0, got {cfg.trainer[key]}")
+        _check(tc[key] > 0, f"trainer.{key} must be > 0, got {tc[key]}")
     for key in ("devices", "nodes"):
-        _check(cfg.trainer[key] >= 1, f"trainer.{key} must be >= 1, got {cfg.trainer[key]}")
-    procs = cfg.trainer.devices * cfg.trainer.nodes
+        _check(tc[key] >= 1, f"trainer.{key} must be >= 1, got {tc[key]}")
+    procs = tc.devices * tc.nodes
     batches = ("batch_size",) if method is Method.suponly else ("batch_size", "unlabeled_batch_size")
     for key in batches:
         _check(
-            cfg.trainer[key] % procs == 0,
-            f"trainer.{key}={cfg.trainer[key]} is the total over all processes and must be divisible by "
+            tc[key] % procs == 0,
+            f"trainer.{key}={tc[key]} is the total over all processes and must be divisible by "
             f"trainer.devices x trainer.nodes = {procs} (each process takes an equal share)",
         )
-    ds = cfg.dataset
+
+
+def _validate_dataset(ds: Any) -> None:
     dataset = choice(ds.name, DatasetName)
     protocol = choice(ds.protocol, VocProtocol)
     _check(
@@ -440,7 +458,9 @@ def validate(cfg: Any) -> None:
         )
     for name, size in ds.split_sizes.items():
         _check(size > 0, f"dataset.split_sizes.{name} must be > 0, got {size}")
-    ev = cfg.eval
+
+
+def _validate_eval(ev: Any) -> None:
     mode = choice(ev.mode, EvalMode)
     _check(ev.pad_multiple > 0, f"eval.pad_multiple must be > 0, got {ev.pad_multiple}")
     if mode is EvalMode.slide:
@@ -448,10 +468,10 @@ def validate(cfg: Any) -> None:
                f"eval.crop_size={ev.crop_size} must be a positive multiple of eval.pad_multiple={ev.pad_multiple}")
         _check(0 < ev.stride <= ev.crop_size,
                f"eval.stride={ev.stride} must be in (0, eval.crop_size={ev.crop_size}] (windows must cover the image)")
-    task = choice(cfg.task, Task)
-    if task is Task.predict:
-        _check(cfg.predict.checkpoint is not None, "task=predict needs predict.checkpoint=PATH (a run's last.pt)")
-    stride = cfg.segnet.consistency_stride
+
+
+def _validate_network(segnet: Any, backbone: Any, ds: Any) -> None:
+    stride = segnet.consistency_stride
     _check(
         ds.crop_size % stride == 0,
         f"dataset.crop_size={ds.crop_size} must be a multiple of segnet.consistency_stride={stride} "
@@ -459,21 +479,21 @@ def validate(cfg: Any) -> None:
     )
     lo, hi = ds.iou_range
     _check(0.0 <= lo <= hi <= 1.0, f"dataset.iou_range must satisfy 0 <= low <= high <= 1, got {list(ds.iou_range)}")
-    seg = choice(cfg.segnet.name, SegNetName)
-    _check(cfg.segnet.output_stride in (8, 16, 32), f"segnet.output_stride must be 8, 16 or 32, got {cfg.segnet.output_stride}")
-    from dcc.models.backbone import check_backbone
+    seg = choice(segnet.name, SegNetName)
+    _check(segnet.output_stride in (8, 16, 32), f"segnet.output_stride must be 8, 16 or 32, got {segnet.output_stride}")
+    from dcc.method.models.backbone import check_backbone
 
-    problem = check_backbone(cfg.backbone.name, output_stride=cfg.segnet.output_stride, segnet=seg.name,
-                             kwargs=dict(cfg.backbone.kwargs), vit_blocks=list(cfg.backbone.vit_blocks))
+    problem = check_backbone(backbone.name, output_stride=segnet.output_stride, segnet=seg.name,
+                             kwargs=dict(backbone.kwargs), vit_blocks=list(backbone.vit_blocks))
     _check(problem is None, str(problem))
     if seg is SegNetName.pspnet:
         _check(
-            cfg.segnet.consistency_stride == cfg.segnet.output_stride,
+            segnet.consistency_stride == segnet.output_stride,
             "segnet=pspnet outputs features at the backbone stride: segnet.consistency_stride must equal "
-            f"segnet.output_stride ({cfg.segnet.output_stride}), got {cfg.segnet.consistency_stride}",
+            f"segnet.output_stride ({segnet.output_stride}), got {segnet.consistency_stride}",
         )
     else:
         _check(
-            cfg.segnet.consistency_stride % 4 == 0,
-            f"segnet.consistency_stride must be a multiple of the decoder stride 4, got {cfg.segnet.consistency_stride}",
+            segnet.consistency_stride % 4 == 0,
+            f"segnet.consistency_stride must be a multiple of the decoder stride 4, got {segnet.consistency_stride}",
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dcc.visualize import palette
+from dcc.engine.visualize import palette
 
 H, W = 40, 48  # image size of every generated file
 

@@ -3,7 +3,7 @@
 * BN statistics: the authors forward the labeled batch, view 1 and view 2 in separate calls, so in training mode
   each view's features (and gradients, and the BN running statistics) are those of the view forwarded alone.
 * A reference of the whole step written from the paper (Eq. 1-8) and ``shared/paper/authors-code-facts.md``,
-  independently of ``dcc.overlap`` / ``dcc.losses`` / ``dcc.consistency``: cell correspondences by brute force
+  independently of ``dcc.method.overlap`` / ``dcc.method.losses`` / ``dcc.method.consistency``: cell correspondences by brute force
   from image coordinates, the loss dense over every (anchor, negative) pair in float64. The step's CE, L_dc and
   gradients must equal it.
 """
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcc.consistency import ConsistencyBranch
-from dcc.losses import cross_entropy
-from dcc.models import build_model
+from dcc.method.consistency import ConsistencyBranch
+from dcc.method.losses import cross_entropy
+from dcc.method.models import build_model
 from tests.conftest import compose_cfg
 
 SMALL = ["backbone=resnet18", "segnet.channels=16", "segnet.low_level_channels=8"]
@@ -91,7 +91,7 @@ def test_training_normalises_labeled_batch_and_each_view_alone(tiny_overrides, t
     more than one batch of 4: the labeled batch, view 1 and view 2 each alone; ``trainer.view_bn=shared`` normalises
     the 8 crops of both views together."""
     from dcc.data.build import build_data
-    from dcc.train import fit
+    from dcc.engine.trainer import fit
 
     seen: set[int] = set()
     original = F.batch_norm
@@ -234,7 +234,7 @@ def test_one_cac_step_equals_an_independent_recomputation():
     y[0, :, :10] = 255  # ignored pixels
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # the project's step (as dcc.train.fit composes it)
+    # the project's step (as dcc.engine.trainer.fit composes it)
     ce = cross_entropy(model(x).float(), y, 255)
     loss_u = ConsistencyBranch(cfg.loss)(model, batch)["loss_u"]
     total = ce + cfg.loss.weight * loss_u

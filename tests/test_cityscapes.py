@@ -62,7 +62,7 @@ def test_impossible_label_id_and_corrupt_image_name_the_file(tmp_path):
 
 
 def test_two_training_steps_on_cityscapes(tmp_path):
-    from dcc.app import run
+    from dcc.engine.job import run
 
     root = make_cityscapes(tmp_path / "cs")
     cfg = compose_cfg(["dataset=cityscapes", f"dataset.root={root}", *TINY_REAL, "split='1_4'",

@@ -2,7 +2,7 @@
 
 import torch
 
-from dcc.diagnostics import cell_labels, consistency_diagnostics
+from dcc.method.diagnostics import cell_labels, consistency_diagnostics
 
 
 def _batch():
@@ -69,19 +69,19 @@ def test_cell_labels_take_the_majority_and_ignore_mostly_unlabeled_cells():
 
 def test_no_diagnostics_and_no_view_masks_without_a_logger(tiny_overrides, tmp_path, monkeypatch):
     """logger=none: the branch computes no diag/ figures and the loader reads no ground truth."""
-    import dcc.train
-    from dcc.app import run
+    import dcc.engine.trainer
+    from dcc.engine.job import run
     from tests.conftest import compose_cfg
 
     seen = []
-    real = dcc.train.ConsistencyBranch.__call__
+    real = dcc.engine.trainer.ConsistencyBranch.__call__
 
     def spy(self, model, batch):
         out = real(self, model, batch)
         seen.append((self.diagnostics, "mask1" in batch, sorted(out)))
         return out
 
-    monkeypatch.setattr(dcc.train.ConsistencyBranch, "__call__", spy)
+    monkeypatch.setattr(dcc.engine.trainer.ConsistencyBranch, "__call__", spy)
     run(compose_cfg(tiny_overrides + ["logger=none"]), launch_dir=tmp_path)
     assert seen and all(s == (False, False, ["loss_u"]) for s in seen)
 

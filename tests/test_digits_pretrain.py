@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dcc.data import digits_pretrain
-from dcc.models import build_model
+from dcc.method.models import build_model
 from tests.conftest import compose_cfg
 
 TINY_PRETRAIN = [

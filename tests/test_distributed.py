@@ -1,6 +1,6 @@
 """Data-parallel training on CPU (gloo): 2 processes with B/2 images each take the step 1 process takes with B.
 
-The processes are started with ``dcc.distributed.spawn`` (torch.multiprocessing, spawn, a free port), the
+The processes are started with ``dcc.engine.distributed.spawn`` (torch.multiprocessing, spawn, a free port), the
 spawner ``run.py trainer.devices=2`` uses.
 """
 
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from dcc import checkpoint
-from dcc import distributed as ddp
+from dcc.engine import checkpoint
+from dcc.engine import distributed as ddp
 from dcc.config import ConfigError, validate
 from dcc.data.build import StepSampler, build_data, labeled_loader
 from tests.conftest import ROOT, compose_cfg
@@ -52,11 +52,11 @@ class _Recorder:
 def _one_step(cfg, state_dir: str) -> dict[str, float]:
     """In each spawned process: ``fit`` (resuming from ``state_dir/last.pt`` if there) with frozen BN; rank 0's
     logged metrics."""
-    import dcc.train
-    from dcc.train import fit
-    from dcc.distributed import resolve_device
+    import dcc.engine.trainer
+    from dcc.engine.trainer import fit
+    from dcc.engine.distributed import resolve_device
 
-    build = dcc.train.build_model
+    build = dcc.engine.trainer.build_model
 
     def frozen_bn_model(c, **kwargs):  # noqa: ANN001, ANN003, ANN202
         model = build(c, **kwargs)
@@ -65,7 +65,7 @@ def _one_step(cfg, state_dir: str) -> dict[str, float]:
                 m.__class__ = _FrozenBN
         return model
 
-    dcc.train.build_model = frozen_bn_model
+    dcc.engine.trainer.build_model = frozen_bn_model
     torch.set_num_threads(1)
     with ddp.process_group(cfg, resolve_device) as device:
         tracker = _Recorder()

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dcc.data.build import shard
-from dcc.evaluate import eval_options, evaluate, predict_slide, predict_whole, window_starts
+from dcc.engine.evaluate import eval_options, evaluate, predict_slide, predict_whole, window_starts
 from tests.conftest import compose_cfg
 
 K = 3

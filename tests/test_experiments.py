@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from dcc.app import summary
+from dcc.engine.job import summary
 from dcc.config import validate
 from tests.conftest import ROOT, compose_cfg
 

@@ -124,7 +124,7 @@ def test_check_command_on_a_wrong_root_prints_the_layout(tmp_path, capsys):
 
 
 def test_palette_file_colours_predictions(folder_root, tmp_path):
-    from dcc.visualize import dataset_palette, palette
+    from dcc.engine.visualize import dataset_palette, palette
 
     assert read_palette(folder_root).tolist() == [list(c) for c in FOLDER_PALETTE]
     pal = dataset_palette(_cfg(folder_root))
@@ -135,7 +135,7 @@ def test_palette_file_colours_predictions(folder_root, tmp_path):
 
 @pytest.mark.slow
 def test_two_training_steps_log_per_class_iou_under_the_class_names(folder_root, tmp_path):
-    from dcc.app import run
+    from dcc.engine.job import run
 
     db = tmp_path / "mlflow.db"
     overrides = [o for o in TINY_REAL if not o.startswith("logger")] + [

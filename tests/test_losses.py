@@ -1,4 +1,4 @@
-"""Tests of dcc.losses against a plain dense reference written from Eq. (1)-(7) of the paper."""
+"""Tests of dcc.method.losses against a plain dense reference written from Eq. (1)-(7) of the paper."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcc.losses import directional_contrastive_loss, l2_alignment_loss
-from dcc.losses_chunked import chunked_directional_contrastive_loss
+from dcc.method.losses import directional_contrastive_loss, l2_alignment_loss
+from dcc.method.losses_chunked import chunked_directional_contrastive_loss
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

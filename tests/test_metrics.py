@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from dcc.evaluate import predict_whole
-from dcc.metrics import confusion_matrix, scores
+from dcc.engine.evaluate import predict_whole
+from dcc.engine.metrics import confusion_matrix, scores
 
 
 def test_confusion_matrix_and_scores_by_hand():

@@ -7,8 +7,8 @@ import torch
 
 import pytest
 
-from dcc.app import summary
-from dcc.models import WeightsError, build_model, load_local_weights
+from dcc.engine.job import summary
+from dcc.method.models import WeightsError, build_model, load_local_weights
 from tests.conftest import compose_cfg
 
 SMALL = ["backbone=resnet18", "segnet.channels=32", "segnet.low_level_channels=16"]
@@ -112,7 +112,7 @@ def _bilinear_calls(monkeypatch) -> list:
 def test_every_bilinear_resize_follows_segnet_align_corners(monkeypatch, segnet, resizes, align):
     """ASPP pooling + decoder + logits (DeepLabv3+), four pooled bins + logits (PSPNet), in training, whole-image
     and sliding-window evaluation alike (prediction calls the same ``predict``)."""
-    from dcc.evaluate import predict
+    from dcc.engine.evaluate import predict
 
     model = build_model(compose_cfg(SMALL + [f"segnet={segnet}", f"segnet.align_corners={align}"])).eval()
     calls = _bilinear_calls(monkeypatch)

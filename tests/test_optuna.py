@@ -121,7 +121,7 @@ class _Launcher:
 def _sweeper(tmp_path, fn, **kwargs):
     from omegaconf import OmegaConf
 
-    from dcc.optuna_sweeper import StudySweeper
+    from dcc.sweeps.optuna_sweeper import StudySweeper
 
     sweeper = StudySweeper(storage=f"sqlite:///{tmp_path / 'optuna.db'}", **kwargs)
     sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})

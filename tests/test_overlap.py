@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcc.overlap import overlap_cell_count, overlap_pairs
+from dcc.method.overlap import overlap_cell_count, overlap_pairs
 
 STRIDE = 8
 CROP = 32

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dcc.checkpoint import save_atomic
+from dcc.engine.checkpoint import save_atomic
 from dcc.config import ConfigError, validate
-from dcc.evaluate import predict_whole
-from dcc.models import build_model
-from dcc.predict import run_predict
-from dcc.visualize import palette
+from dcc.engine.evaluate import predict_whole
+from dcc.method.models import build_model
+from dcc.engine.predict import run_predict
+from dcc.engine.visualize import palette
 from tests.conftest import compose_cfg
 from tests.realdata import VOC_VAL, make_voc
 
@@ -85,7 +85,7 @@ def test_training_only_heads_need_not_match(tmp_path, config_loss):
     path = tmp_path / "last.pt"
     save_atomic({"model": model.state_dict()}, path)
     cfg = compose_cfg(SMALL + [f"loss={config_loss}", "trainer.device=cpu"])
-    from dcc.predict import load_model
+    from dcc.engine.predict import load_model
 
     loaded = load_model(cfg, path, torch.device("cpu"))
     assert loaded.weak_classifier is None

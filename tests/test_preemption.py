@@ -8,10 +8,10 @@ import signal
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dcc import checkpoint
-from dcc.app import run, run_dir_for
-from dcc.consistency import ConsistencyBranch
-from dcc.preemption import PreemptionGuard, requeued
+from dcc.engine import checkpoint
+from dcc.engine.job import run, run_dir_for
+from dcc.method.consistency import ConsistencyBranch
+from dcc.engine.preemption import PreemptionGuard, requeued
 from tests.conftest import compose_cfg
 
 

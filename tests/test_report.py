@@ -8,8 +8,8 @@ import io
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dcc import report
-from dcc.report import ROW_ORDER, TABLE3
+from dcc.sweeps import report
+from dcc.sweeps.paper import ROW_ORDER, TABLE3
 
 TABLE3_ROWS = [p for p in ROW_ORDER if p in TABLE3]  # the ablation sweep: Table 3 rows in order
 
@@ -122,7 +122,7 @@ def test_an_experiment_with_all_runs_and_a_clear_error_for_an_unknown_target(sto
 
 
 def test_table5_numbers_only_at_its_setting():
-    from dcc.report import paper_miou
+    from dcc.sweeps.paper import paper_miou
 
     classic = dict(ablation=False, protocol="classic")
     assert paper_miou("voc", "deeplabv3plus", "resnet50", "weakly", "full", **classic) == 76.1

@@ -14,13 +14,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import dcc.train
-from dcc import checkpoint, report
-from dcc.app import run, run_dir_for
-from dcc.consistency import ConsistencyBranch
+import dcc.engine.trainer
+from dcc.engine import checkpoint
+from dcc.sweeps import report
+from dcc.engine.job import run, run_dir_for
+from dcc.method.consistency import ConsistencyBranch
 from dcc.data.cache import read_npz
-from dcc.preflight import PreflightError
-from dcc.visualize import prediction_grid
+from dcc.engine.preflight import PreflightError
+from dcc.engine.visualize import prediction_grid
 from tests.conftest import ROOT, compose_cfg
 
 
@@ -87,7 +88,7 @@ def test_rerun_of_a_finished_run_reports_it_without_training(tiny_overrides, tmp
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(dcc.train, "fit", no_training)
+    monkeypatch.setattr(dcc.engine.trainer, "fit", no_training)
     again = run(compose_cfg(tiny_overrides), launch_dir=tmp_path)
     out = capsys.readouterr().out
     assert again == first and f"already finished: {run_dir} (final val mIoU {first:.4f}" in out
@@ -268,12 +269,12 @@ def test_prediction_grid_has_a_legend_with_class_names():
 
 
 def test_run_name_carries_backbone_and_swept_values(tiny_overrides, monkeypatch):
-    import dcc.app
+    import dcc.engine.job
 
     cfg = compose_cfg(tiny_overrides + ["loss.weight=0.3"])
-    assert dcc.app.run_name(cfg) == "ablation_viii-1_4-resnet18-s42"
-    monkeypatch.setattr(dcc.app, "swept_values", lambda c: [("loss.weight", "0.3"), ("segnet", "pspnet")])
-    assert dcc.app.run_name(cfg) == "ablation_viii-1_4-resnet18-s42-weight=0.3-pspnet"
+    assert dcc.engine.job.run_name(cfg) == "ablation_viii-1_4-resnet18-s42"
+    monkeypatch.setattr(dcc.engine.job, "swept_values", lambda c: [("loss.weight", "0.3"), ("segnet", "pspnet")])
+    assert dcc.engine.job.run_name(cfg) == "ablation_viii-1_4-resnet18-s42-weight=0.3-pspnet"
 
 
 def _record(row, seed, best, **params):

@@ -116,7 +116,7 @@ class SlowCheckpoints(Callback):
     leaves time to signal the job between two of them."""
 
     def on_job_start(self, config, **kwargs) -> None:
-        from dcc import checkpoint
+        from dcc.engine import checkpoint
 
         save = checkpoint.save_atomic
 
@@ -170,7 +170,7 @@ def test_sigterm_requeues_the_job_which_finishes_its_mlflow_run_without_gaps(slu
 def test_sigterm_requeues_a_running_job_but_not_a_cancelled_one(state, requeued):
     """``scancel`` sends SIGTERM too, after slurmctld has marked the job COMPLETING: that one must not
     requeue (else a job could not be cancelled); preemption's SIGTERM finds the job RUNNING."""
-    from hydra_plugins.dcc_plugins.launcher import requeue_handler
+    from dcc.sweeps.launcher import requeue_handler
 
     calls = []
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}

@@ -11,11 +11,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import dcc.losses
-import dcc.train
-from dcc import checkpoint
-from dcc.app import run, run_dir_for
-from dcc.consistency import ConsistencyBranch
+import dcc.method.losses
+import dcc.engine.trainer
+from dcc.engine import checkpoint
+from dcc.engine.job import run, run_dir_for
+from dcc.method.consistency import ConsistencyBranch
 from tests.conftest import ROOT, TINY, compose_cfg
 
 
@@ -91,16 +91,16 @@ def test_killed_run_resumes_to_identical_metrics(tiny_overrides, tmp_path, monke
 
 def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tiny_overrides, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = dcc.losses.F.cross_entropy
+    original = dcc.method.losses.F.cross_entropy
 
     def nan_at_step_5(*args, **kwargs):
         calls["n"] += 1
         out = original(*args, **kwargs)
         return out * float("nan") if calls["n"] == 5 else out
 
-    monkeypatch.setattr(dcc.losses.F, "cross_entropy", nan_at_step_5)
+    monkeypatch.setattr(dcc.method.losses.F, "cross_entropy", nan_at_step_5)
     cfg = compose_cfg(tiny_overrides + ["logger=none"])
-    with pytest.raises(dcc.train.NonFiniteLossError, match=r"non-finite loss_ce .* at step 5"):
+    with pytest.raises(dcc.engine.trainer.NonFiniteLossError, match=r"non-finite loss_ce .* at step 5"):
         run(cfg, launch_dir=tmp_path)
     state = checkpoint.load(run_dir_for(cfg, tmp_path) / "last.pt")
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

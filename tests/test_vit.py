@@ -1,4 +1,4 @@
-"""ViT / DINOv2 backbones (dcc/models/vit.py): strides, parameters, exact stride-8 geometry, weights, the start check."""
+"""ViT / DINOv2 backbones (dcc/method/models/vit.py): strides, parameters, exact stride-8 geometry, weights, the start check."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from torch import nn
 
 import pytest
 
-from dcc.app import run, summary
+from dcc.engine.job import run, summary
 from dcc.config import ConfigError, validate
-from dcc.models import build_model
-from dcc.models.backbone import check_backbone
-from dcc.models.vit import ViTBackbone, is_vit
-from dcc.overlap import overlap_pairs
+from dcc.method.models import build_model
+from dcc.method.models.backbone import check_backbone
+from dcc.method.models.vit import ViTBackbone, is_vit
+from dcc.method.overlap import overlap_pairs
 from tests.conftest import compose_cfg
 
 P16, P14 = "vit_small_patch16_224", "vit_small_patch14_dinov2"

@@ -120,7 +120,7 @@ def test_corrupt_image_and_out_of_range_label_name_the_file(voc_root):
 
 
 def test_two_training_steps_on_voc(voc_root, tmp_path):
-    from dcc.app import run
+    from dcc.engine.job import run
 
     cfg = _voc_cfg(voc_root, *TINY_REAL, "split='1_4'", f"trainer.runs_root={tmp_path / 'runs'}")
     miou = run(cfg, launch_dir=tmp_path)

@@ -11,16 +11,16 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
-from dcc.app import run
+from dcc.engine.job import run
 from dcc.config import ConfigError, ImageLabelSource, validate
 from dcc.data.build import build_data, unlabeled_loader
 from dcc.data.files import DataError
 from dcc.data.image_labels import labels_from_masks, voc_image_labels
 from dcc.data.voc import CLASSES
-from dcc.losses import weak_classification_loss
-from dcc.metrics import mean_average_precision, present_classes
-from dcc.models import build_model
-from dcc.models.backbone import Backbone
+from dcc.method.losses import weak_classification_loss
+from dcc.engine.metrics import mean_average_precision, present_classes
+from dcc.method.models import build_model
+from dcc.method.models.backbone import Backbone
 from tests.conftest import compose_cfg
 from tests.realdata import TINY_REAL, VOC_EXTRA, VOC_FINE, make_voc, voc_label
 

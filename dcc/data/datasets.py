@@ -183,7 +183,7 @@ class UnlabeledPairDataset(Dataset):
     """Two overlapping, independently augmented crops of one unlabeled image (CAC's context pair).
 
     The crops' offsets differ by a multiple of ``stride`` so that their stride-aligned feature
-    cells coincide; ``dcc.overlap.overlap_pairs`` aligns them using the returned geometry. When the
+    cells coincide; ``dcc.method.overlap.overlap_pairs`` aligns them using the returned geometry. When the
     scaled image is smaller than the crop it is padded bottom-right; each view's ``extent`` tells
     which part of the crop is image content, so that padded cells never become anchors.
     """

@@ -1,95 +1,30 @@
-"""Launchers of ``hydra/launcher=slurm`` and ``hydra/launcher=local`` (hydra-submitit-launcher, extended).
+"""``hydra/launcher=slurm`` and ``hydra/launcher=local``: hydra-submitit-launcher's launchers with the steps of
+:mod:`dcc.sweeps.launcher` (SIGTERM requeues a SLURM job; local jobs take turns over ``visible_gpus``).
 
-``SlurmLauncher``: submitit checkpoints and requeues a job on its preemption signal (``USR2`` by
-default, ``$SUBMITIT_PREEMPT_SIGNAL`` to change it; SLURM sends it ``signal_delay_s`` seconds before
-the time limit) but ignores ``SIGTERM``, which is what many clusters send on preemption (and what
-``scancel --signal=TERM`` sends). Here ``SIGTERM`` does the same as the preemption signal: the job is
-requeued (``scontrol requeue``, the same job id, ``SLURM_RESTART_COUNT`` + 1) and exits; the requeued
-job runs the same config, so it finds its run directory and checkpoint and continues the same MLflow
-run. A job being cancelled (``scancel``: slurmctld shows it COMPLETING when the SIGTERM arrives) is
-not requeued: it exits.
-
-``LocalLauncher``: several jobs at once on this machine (submitit's local executor). With
-``visible_gpus`` the jobs take turns over those GPUs (job i gets ``gpus_per_node`` of them starting at
-``i * gpus_per_node``); with ``cpus_per_task`` each job's torch/OpenMP threads are limited to it.
+Hydra instantiates a launcher only from a class defined under ``hydra_plugins``: hence these two shims.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import subprocess
-from typing import Any, Callable
+from typing import Any
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _SubmititLocal
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
 
-log = logging.getLogger(__name__)
-
-
-def job_state(job_id: str) -> str | None:
-    """The job's state as slurmctld sees it (RUNNING, COMPLETING, ...), or None when it cannot be asked."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.split()
-    return lines[0] if out.returncode == 0 and lines else None
-
-
-def requeue_handler(requeue: Callable[[int, Any], Any], job_id: str, usr: int,
-                    state: Callable[[str], str | None] = job_state) -> Callable[[int, Any], None]:
-    """A handler for SIGTERM and the preemption signal ``usr`` that calls submitit's ``requeue``
-    handler, except on a SIGTERM while the job is not RUNNING (being cancelled, or killed at its time
-    limit), where it exits."""
-
-    def on_signal(signum: int, frame: Any) -> None:
-        # The requeue itself ends this job with SIGTERM: ignore any further signal while exiting.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(usr, signal.SIG_IGN)
-        if signum == signal.SIGTERM:
-            now = state(job_id)
-            if now not in (None, "RUNNING"):
-                log.warning("SIGTERM while job %s is %s: exiting without requeue", job_id, now)
-                raise SystemExit(128 + signum)
-        requeue(signum, frame)
-
-    return on_signal
-
-
-def _requeue_on_sigterm() -> None:
-    """In a SLURM job started by submitit: SIGTERM requeues the job like submitit's preemption signal."""
-    import submitit
-
-    usr = submitit.JobEnvironment._usr_sig()
-    requeue = signal.getsignal(usr)
-    if not callable(requeue):  # not under submitit's job runner (nothing to requeue with)
-        return
-    handler = requeue_handler(requeue, submitit.JobEnvironment().job_id, usr)
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(usr, handler)
+from dcc.sweeps.launcher import gpu_pool, job_state, prepare_local_job, requeue_handler, requeue_on_sigterm  # noqa: F401
 
 
 class SlurmLauncher(_SubmititSlurm):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        _requeue_on_sigterm()
+        requeue_on_sigterm()
         return super().__call__(*args, **kwargs)
 
 
 class LocalLauncher(_SubmititLocal):
     def __init__(self, **params: Any) -> None:
-        self.gpu_pool = [int(g) for g in (params.pop("visible_gpus", None) or [])]
+        self.gpu_pool = gpu_pool(params)
         super().__init__(**params)
 
     def __call__(self, sweep_overrides: Any, job_dir_key: str, job_num: int, *args: Any, **kwargs: Any) -> Any:
-        n = int(self.params.get("gpus_per_node") or 0)
-        if self.gpu_pool and n:
-            first = (job_num * n) % len(self.gpu_pool)
-            gpus = [self.gpu_pool[(first + k) % len(self.gpu_pool)] for k in range(n)]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-        cpus = self.params.get("cpus_per_task")
-        if cpus:
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ.setdefault(var, str(cpus))
+        prepare_local_job(self.params, self.gpu_pool, job_num)
         return super().__call__(sweep_overrides, job_dir_key, job_num, *args, **kwargs)

@@ -1,4 +1,4 @@
-"""``hydra/sweeper: dcc_optuna``: the persistent Optuna study sweeper of :mod:`dcc.optuna_sweeper`."""
+"""``hydra/sweeper: dcc_optuna``: the persistent Optuna study sweeper of :mod:`dcc.sweeps.optuna_sweeper`."""
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -28,7 +28,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="dcc_optuna", node=Optu
 
 class OptunaStudySweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
-        from dcc.optuna_sweeper import StudySweeper
+        from dcc.sweeps.optuna_sweeper import StudySweeper
 
         self.sweeper = StudySweeper(**kwargs)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from dcc.config import Method, SegNetName, choice
-from dcc.models.backbone import Backbone, WeightsError, build_backbone, load_local_weights
-from dcc.models.heads import DeepLabV3PlusHead, PSPHead
-from dcc.models.segmentor import Projector, Segmentor
+from dcc.method.models.backbone import Backbone, WeightsError, build_backbone, load_local_weights
+from dcc.method.models.heads import DeepLabV3PlusHead, PSPHead
+from dcc.method.models.segmentor import Projector, Segmentor
 
 __all__ = ["Backbone", "Segmentor", "Projector", "WeightsError", "build_model", "load_local_weights"]
 

@@ -1,8 +1,8 @@
 """timm backbones as multi-scale feature extractors, with local weight loading (nothing is downloaded).
 
 :func:`build_backbone` picks the implementation: plain ViTs and the DINOv2 family go through
-:mod:`dcc.models.vit` (a simple feature pyramid on the transformer's tokens), VGG is dilated
-(:mod:`dcc.models.vgg`), every other timm model must build with ``features_only`` at the configured
+:mod:`dcc.method.models.vit` (a simple feature pyramid on the transformer's tokens), VGG is dilated
+(:mod:`dcc.method.models.vgg`), every other timm model must build with ``features_only`` at the configured
 ``output_stride``. :func:`check_backbone` tries that on the meta device when the config is validated,
 so that a backbone the project cannot use fails at start, naming the families that work.
 """
@@ -20,7 +20,7 @@ import timm
 import torch
 from torch import nn
 
-from dcc.models.vgg import dilate_vgg, is_vgg
+from dcc.method.models.vgg import dilate_vgg, is_vgg
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _apply_multi_grid(model: nn.Module, multi_grid: Sequence[int], output_stride
 
 
 class Backbone(nn.Module):
-    """A timm model with ``features_only`` at a given output stride (VGG: dilated, see :mod:`dcc.models.vgg`).
+    """A timm model with ``features_only`` at a given output stride (VGG: dilated, see :mod:`dcc.method.models.vgg`).
 
     ``forward`` returns ``(low, high)``: the stride-4 features (for the DeepLabv3+ decoder) and the
     last stage's features at ``output_stride``.
@@ -185,10 +185,10 @@ WORKING_FAMILIES = (
 
 
 def build_backbone(name: str, **options: Any) -> nn.Module:
-    """The backbone for timm model ``name``: :class:`dcc.models.vit.ViTBackbone` for plain ViTs and the DINOv2
+    """The backbone for timm model ``name``: :class:`dcc.method.models.vit.ViTBackbone` for plain ViTs and the DINOv2
     family, else :class:`Backbone`. Both return ``(low, high)`` features and expose ``low_stride``,
     ``low_channels``, ``high_channels``, ``output_stride`` and ``body`` (the pretrained part)."""
-    from dcc.models.vit import ViTBackbone, is_vit
+    from dcc.method.models.vit import ViTBackbone, is_vit
 
     if is_vit(name):
         return ViTBackbone(name, **options)
@@ -205,7 +205,7 @@ def check_backbone(name: str, *, output_stride: int, segnet: str, kwargs: Mappin
 
 @functools.lru_cache(maxsize=64)
 def _check_cached(name: str, output_stride: int, segnet: str, kwargs_json: str, vit_blocks: tuple[int, ...]) -> str | None:
-    from dcc.models.vit import is_vit
+    from dcc.method.models.vit import is_vit
 
     works = f"Backbones that work: {WORKING_FAMILIES}."
     if not timm.is_model(name):

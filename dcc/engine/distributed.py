@@ -11,10 +11,10 @@ Where the processes come from (``trainer.devices`` x ``trainer.nodes`` of them, 
 Backend: NCCL on GPUs, gloo on CPU (``trainer.dist_backend``). Without an initialised process group every
 helper below is the identity / a no-op, so single-process training runs exactly the code it ran before.
 
-What is exchanged and when (see ``README.md``, "Several GPUs"): gradients are averaged over ranks after
+What is exchanged and when (see ``docs/several-gpus.md``): gradients are averaged over ranks after
 each backward (:func:`average_gradients`, bucketed all_reduce); the supervised and consistency losses are
 normalised by counts summed over ranks (:func:`global_mean`); the negative bank is all-gathered
-(``dcc.bank``); logged scalars are averaged once per log interval (:func:`mean_over_ranks`); BN buffers
+(``dcc.method.bank``); logged scalars are averaged once per log interval (:func:`mean_over_ranks`); BN buffers
 are averaged before evaluation and checkpoints (:func:`average_buffers`).
 """
 

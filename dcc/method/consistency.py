@@ -7,12 +7,12 @@ same forward passes (the image-level classifier C_w on each view's features, aga
 Batch-norm statistics of the views (``trainer.view_bn``). The authors forward the labeled batch, view 1
 and view 2 in three separate encoder calls, so in training mode each view is normalised with its own batch
 statistics. ``per_view`` (default) gives exactly that: both views go through the network as one batch of 2B
-crops, but every BN layer normalises each view's half with its own statistics (``dcc.models.grouped_bn``),
+crops, but every BN layer normalises each view's half with its own statistics (``dcc.method.models.grouped_bn``),
 the same outputs, gradients and running statistics as two calls at the cost of about one. ``shared`` lets
-BN compute its statistics over all 2B crops (not the authors' step; no faster on CPU, see the README). With BN frozen
+BN compute its statistics over all 2B crops (not the authors' step; no faster on CPU, see docs/performance.md). With BN frozen
 (eval mode) both are the same step.
 
-Anchors are the overlap cells inside the real image of both views (``dcc.overlap``); negatives are drawn
+Anchors are the overlap cells inside the real image of both views (``dcc.method.overlap``); negatives are drawn
 from every cell of both views' maps, padded cells included, as the authors do.
 """
 
@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dcc.bank import NegativeBank, sample_negatives
-from dcc.diagnostics import cell_labels, consistency_diagnostics
-from dcc.losses import directional_contrastive_loss, l2_alignment_loss, weak_classification_loss
-from dcc.models.grouped_bn import per_group_batch_norm
-from dcc.models.segmentor import Segmentor
-from dcc.overlap import overlap_pairs
+from dcc.method.bank import NegativeBank, sample_negatives
+from dcc.method.diagnostics import cell_labels, consistency_diagnostics
+from dcc.method.losses import directional_contrastive_loss, l2_alignment_loss, weak_classification_loss
+from dcc.method.models.grouped_bn import per_group_batch_norm
+from dcc.method.models.segmentor import Segmentor
+from dcc.method.overlap import overlap_pairs
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ViewOutputs:
 class ConsistencyBranch:
     def __init__(self, loss_cfg: Any, *, shared_bn: bool = False, diagnostics: bool = False, num_classes: int = 0,
                  ignore_index: int = 255) -> None:
-        """``diagnostics``: also return the ``diag/...`` figures of :mod:`dcc.diagnostics` (never used for the
+        """``diagnostics``: also return the ``diag/...`` figures of :mod:`dcc.method.diagnostics` (never used for the
         loss); with ``mask1``/``mask2`` in the batch (ground truth of the views) the pseudo-label accuracy too."""
         self.cfg = loss_cfg
         self.shared_bn = shared_bn

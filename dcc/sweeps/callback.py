@@ -2,7 +2,7 @@
 
 Registered by ``conf/hydra/callbacks/mlflow_parent.yaml``. At multirun start it creates the parent run
 (tagged ``dcc.sweep=true``, named after ``hydra.job.name``: the sweeps/ scripts set it to the sweep's
-name) and exports its id in ``DCC_MLFLOW_PARENT_RUN`` (:data:`dcc.tracking.PARENT_RUN_ENV`); every job
+name) and exports its id in ``DCC_MLFLOW_PARENT_RUN`` (:data:`dcc.engine.tracking.PARENT_RUN_ENV`); every job
 started from this process, in-process, by submitit locally or through ``sbatch`` (which exports the
 environment), tags its run with ``mlflow.parentRunId``, so the MLflow UI shows the sweep as one group.
 At multirun end it prints the sweep's table (:mod:`dcc.report`), logs it, its numbers (as metrics: mean
@@ -30,7 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.tracking import (PARENT_RUN_ENV, PARENT_TAG, SWEEP_KEY_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_KEYS_ENV,
+from dcc.engine.tracking import (PARENT_RUN_ENV, PARENT_TAG, SWEEP_KEY_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_KEYS_ENV,
                           default_tracking_uri, experiment_id)
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ class MLflowSweepParent(Callback):
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))  # the jobs name their runs after these values
         if str(_get(config, "logger.name", "mlflow")) == "none":
             return
-        from dcc.errors import JobError
-        from dcc.preflight import PreflightError, check_tracking
+        from dcc.engine.errors import JobError
+        from dcc.engine.preflight import PreflightError, check_tracking
 
         cwd = Path(_get(config, "hydra.runtime.cwd", os.getcwd()))
         uri = _get(config, "logger.tracking_uri") or default_tracking_uri(cwd)
@@ -194,7 +194,7 @@ class MLflowSweepParent(Callback):
             log.warning("could not close the sweep's MLflow parent run %s (%s)", self.run_id, exc)
 
     def _summarise(self) -> None:
-        from dcc import report as rep
+        from dcc.sweeps import report as rep
 
         children = rep.search_all(self.client, [e.experiment_id for e in self.client.search_experiments()],
                                   f"tags.`{PARENT_TAG}` = '{self.run_id}'")
@@ -218,7 +218,7 @@ class MLflowSweepParent(Callback):
         """The table's numbers as the parent's metrics, so that the MLflow runs table shows the sweep's result."""
         from mlflow.entities import Metric
 
-        from dcc import report as rep
+        from dcc.sweeps import report as rep
 
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, 0) for k, v in rep.summary_metrics(report).items()]

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcc import checkpoint as ckpt
+from dcc.engine import checkpoint as ckpt
 from dcc.config import Method
 from dcc.data.build import DataBundle, eval_loader
-from dcc.evaluate import predict_whole
+from dcc.engine.evaluate import predict_whole
 from dcc.data.digits_pretrain import embedded_backbone_weights
-from dcc.models import Segmentor, build_model
-from dcc.train import FitResult, fit
+from dcc.method.models import Segmentor, build_model
+from dcc.engine.trainer import FitResult, fit
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ features) comes from ``backbone.vit_blocks[0]``, the ``segnet.output_stride`` le
 from the last entry (default: both from the last block, with the ViT's final norm).
 
 **Consistency geometry.** The two unlabeled crops' offsets differ by multiples of 8, and the
-consistency branch pairs their stride-8 cells (``dcc/overlap.py``). Each stride-8 cell is the
+consistency branch pairs their stride-8 cells (``dcc/method/overlap.py``). Each stride-8 cell is the
 child of one token covering a 16x16 block that contains the cell's 8x8 pixels, so paired cells always
 describe the same image pixels; when the offsets differ by a multiple of 16 the two tokens see the very
 same pixels (the resampling is translation-equivariant on that grid). This is the geometry of a
@@ -84,7 +84,7 @@ class ViTBackbone(nn.Module):
         vit_blocks: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        from dcc.models.backbone import WeightsError, load_local_weights
+        from dcc.method.models.backbone import WeightsError, load_local_weights
 
         if pretrained and not allow_download:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")

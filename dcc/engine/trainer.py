@@ -2,7 +2,7 @@
 
 One call of :func:`fit` trains one model for ``trainer.max_steps`` steps, evaluating, logging and
 checkpointing as configured, and resuming from ``<state_dir>/last.pt`` when it exists (unless
-``trainer.resume=restart``; see :mod:`dcc.resume`). It reads in four named pieces of :class:`Trainer`:
+``trainer.resume=restart``; see :mod:`dcc.engine.resume`). It reads in four named pieces of :class:`Trainer`:
 
 * ``__init__`` (set-up: seeds, model, optimiser, the consistency branch) and :meth:`Trainer.restore`
   (the checkpoint: weights, optimiser, bank, per-rank RNG streams);
@@ -26,20 +26,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dcc import checkpoint as ckpt
-from dcc import distributed as ddp
+from dcc.engine import checkpoint as ckpt
+from dcc.engine import distributed as ddp
 from dcc.config import Method, Precision, ViewBN, choice
-from dcc.consistency import ConsistencyBranch
+from dcc.method.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
 from dcc.data.digits_pretrain import embedded_backbone_weights
-from dcc.evaluate import eval_options, evaluate
-from dcc.losses import cross_entropy
-from dcc.models import Segmentor, build_model
-from dcc.optim import build_optimizer, poly_scheduler
-from dcc.preemption import PreemptionGuard
-from dcc.resume import continue_command, resume_mode
-from dcc.tracking import NullTracker
-from dcc.visualize import dataset_palette, save_prediction_grid
+from dcc.engine.evaluate import eval_options, evaluate
+from dcc.method.losses import cross_entropy
+from dcc.method.models import Segmentor, build_model
+from dcc.engine.optim import build_optimizer, poly_scheduler
+from dcc.engine.preemption import PreemptionGuard
+from dcc.engine.resume import continue_command, resume_mode
+from dcc.engine.tracking import NullTracker
+from dcc.engine.visualize import dataset_palette, save_prediction_grid
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Trainer:
         mode = resume_mode(self.cfg)
         if ddp.is_main():
             ckpt.remove_stale_tmp(last)  # left by a write that was killed; last.pt itself is intact
-            if mode == "restart" and last.exists():  # dcc.app moves a whole run aside first; this is for direct callers
+            if mode == "restart" and last.exists():  # dcc.engine.job moves a whole run aside first; this is for direct callers
                 aside = last.with_name(f"last.pt.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
                 last.rename(aside)
                 log.warning("trainer.resume=restart: moved %s to %s", last, aside)

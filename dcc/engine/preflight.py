@@ -3,7 +3,7 @@
 :func:`check` covers what can be checked without loading data: every interpolation of the config resolves
 (an experiment preset's ``${oc.env:DCC_RESNET50_WEIGHTS}``), the weights file exists, the MLflow store is
 reachable (an HTTP server answers within a few seconds) and the run directory can be written. The dataset
-layout is checked by building the data, which ``dcc.app`` does before creating anything.
+layout is checked by building the data, which ``dcc.engine.job`` does before creating anything.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def check_tracking(uri: str, source: str) -> None:
 
 def tracking_source(cfg: Any, launch_dir: Path) -> tuple[str, str] | None:
     """``(uri, where it was set)`` of the MLflow store a run would log to, or None with ``logger=none``."""
-    from dcc.tracking import default_tracking_uri, logging_off
+    from dcc.engine.tracking import default_tracking_uri, logging_off
 
     if logging_off(cfg):
         return None

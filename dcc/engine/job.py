@@ -1,7 +1,7 @@
 """What ``run.py`` does with a composed config: check, then summarise, predict, or train and report.
 
-Training: every check first (dcc/preflight.py, then the data), then what the run directory holds decides
-(dcc/resume.py: continue, report a finished run, or start over), then the MLflow run and the directory.
+Training: every check first (dcc/engine/preflight.py, then the data), then what the run directory holds decides
+(dcc/engine/resume.py: continue, report a finished run, or start over), then the MLflow run and the directory.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dcc import distributed as ddp
-from dcc import preflight, resume
+from dcc.engine import distributed as ddp
+from dcc.engine import preflight, resume
 from dcc.config import CheckpointLog, ConfigError, Method, choice, result_neutral, validate
-from dcc.tracking import (PARENT_RUN_ENV, PARENT_TAG, SWEPT_KEYS_ENV, NullTracker, flatten, git_commit, logging_off,
+from dcc.engine.tracking import (PARENT_RUN_ENV, PARENT_TAG, SWEPT_KEYS_ENV, NullTracker, flatten, git_commit, logging_off,
                           make_tracker, tracking_uri)
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ _NAMED_KEYS = ("loss", "loss.preset", "split", "split.name", "backbone", "backbo
 def run_name(cfg: DictConfig) -> str:
     """The MLflow run name: preset, split, backbone, seed and the values the sweep varies
     (``ablation_viii-1_8-resnet50-s42-weight=0.3``)."""
-    from dcc.report import short
+    from dcc.sweeps.render import short
 
     name = f"{cfg.loss.preset}-{cfg.split.name}-{cfg.backbone.name}-s{cfg.trainer.seed}"
     for key, value in swept_values(cfg):
@@ -93,7 +93,7 @@ def run_dir_for(cfg: DictConfig, launch_dir: Path) -> Path:
 
 
 def summary(cfg: DictConfig) -> str:
-    from dcc.models import build_model
+    from dcc.method.models import build_model
 
     counts = build_model(cfg).param_counts()
     text = f"params: total={counts['total']} backbone={counts['backbone']} projector={counts['projector']}"
@@ -112,7 +112,7 @@ def _tags(cfg: DictConfig, launch_dir: Path) -> dict[str, str]:
 def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
     """Check ``cfg``; print the parameter summary, predict, or train. Returns the final validation mIoU.
 
-    Everything checkable is checked before a run directory or an MLflow run exists (dcc/preflight.py).
+    Everything checkable is checked before a run directory or an MLflow run exists (dcc/engine/preflight.py).
     """
     launch_dir = (launch_dir or Path.cwd()).resolve()
     task = str(cfg.task)
@@ -124,7 +124,7 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
         print(summary(cfg), flush=True)
         return 0.0
     if task == "predict":
-        from dcc.predict import run_predict
+        from dcc.engine.predict import run_predict
 
         run_predict(cfg, launch_dir)
         return 0.0
@@ -179,8 +179,8 @@ def _log_checkpoint(cfg: DictConfig, tracker: Any, run_dir: Path, model: torch.n
 def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
     from dcc.data.build import build_data
     from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
-    from dcc.selftrain import self_train
-    from dcc.train import fit
+    from dcc.method.selftrain import self_train
+    from dcc.engine.trainer import fit
 
     data = build_data(cfg)  # fails on missing/unreadable data before a run directory or an MLflow run exists
     run_dir = run_dir_for(cfg, launch_dir)

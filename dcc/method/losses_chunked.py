@@ -5,13 +5,13 @@ similarities to all negatives in blocks of 8,000 columns, each block under activ
 checkpointing; the first block also yields a per-anchor stabiliser (row max over the positive
 and that block's logits, same-label negatives included). Only at the end are the per-pixel
 losses multiplied by the directional and positive-filtering mask (Eq. 2 and 7) and averaged over
-the masked pixels. The value equals :func:`dcc.losses.directional_contrastive_loss` (up to float
+the masked pixels. The value equals :func:`dcc.method.losses.directional_contrastive_loss` (up to float
 rounding); the differences are cost only: masked-out pixels are still compared with every
 negative, the label mask is materialised as a float [N, 8000] block, and every block's
 intermediates are rebuilt under autograd during backward.
 
 Used by ``benchmarks/loss_bench.py`` and the tests; the training code should use
-:func:`dcc.losses.directional_contrastive_loss`. Unlike the released code this version has no
+:func:`dcc.method.losses.directional_contrastive_loss`. Unlike the released code this version has no
 ``eps`` inside the log and uses ``log(sum) - (pos - max)`` instead of ``-log(exp(pos - max) /
 sum)``, so that both implementations compute the same function.
 """
@@ -95,7 +95,7 @@ def chunked_directional_contrastive_loss(
 ) -> Tensor:
     """``L_dc = l(1 -> 2) + l(2 -> 1)`` (Eq. 1-7) with the released code's compute strategy.
 
-    Same arguments and result as :func:`dcc.losses.directional_contrastive_loss`; ``chunk_size``
+    Same arguments and result as :func:`dcc.method.losses.directional_contrastive_loss`; ``chunk_size``
     is the number of negative columns per checkpointed block (8,000 in the released code).
     """
     neg_feat, neg_label = neg_feat.detach(), neg_label.detach()

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from dcc.data.files import DataError, read_image
-from dcc.distributed import resolve_device
-from dcc.evaluate import eval_options, predict
-from dcc.visualize import dataset_palette, palette
+from dcc.engine.distributed import resolve_device
+from dcc.engine.evaluate import eval_options, predict
+from dcc.engine.visualize import dataset_palette, palette
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def save_palette_png(mask: np.ndarray, path: Path, pal: np.ndarray | None = None
 
 def load_model(cfg: Any, checkpoint: str | Path, device: torch.device) -> torch.nn.Module:
     """The configured model with the checkpoint's weights (no ImageNet weights are read: the checkpoint has all)."""
-    from dcc.checkpoint import CheckpointError, load
-    from dcc.models import build_model
+    from dcc.engine.checkpoint import CheckpointError, load
+    from dcc.method.models import build_model
 
     path = Path(checkpoint).expanduser()
     if not path.is_file():

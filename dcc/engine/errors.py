@@ -24,12 +24,12 @@ def project_errors() -> tuple[type[BaseException], ...]:
     """The exception types whose message is the whole story (they name the key, file or URI)."""
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-    from dcc.checkpoint import CheckpointError
+    from dcc.engine.checkpoint import CheckpointError
     from dcc.config import ConfigError
     from dcc.data.files import DataError
-    from dcc.models.backbone import WeightsError
-    from dcc.preflight import PreflightError
-    from dcc.train import NonFiniteLossError
+    from dcc.method.models.backbone import WeightsError
+    from dcc.engine.preflight import PreflightError
+    from dcc.engine.trainer import NonFiniteLossError
 
     return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError,
             InterpolationResolutionError, MissingMandatoryValue, FileNotFoundError)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcc.models.backbone import Backbone
+from dcc.method.models.backbone import Backbone
 
 
 class Projector(nn.Module):

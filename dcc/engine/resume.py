@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcc import checkpoint as ckpt
-from dcc.preemption import requeued
+from dcc.engine import checkpoint as ckpt
+from dcc.engine.preemption import requeued
 
 RESULT_FILE = "result.json"  # written when a run has finished and logged everything
 

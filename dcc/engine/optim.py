@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from dcc.config import OptimName, choice
-from dcc.models.segmentor import Segmentor
+from dcc.method.models.segmentor import Segmentor
 
 
 def build_optimizer(cfg: Any, model: Segmentor) -> torch.optim.Optimizer:

@@ -1,0 +1,192 @@
+"""MLflow tracking of one job: params (the flattened config), tags, metrics and artifacts.
+
+Uses ``MlflowClient`` with explicit run ids, so that several jobs of one process (a Hydra multirun)
+and a resumed job never depend on a global "active run".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from dcc.config import LoggerName, choice
+
+log = logging.getLogger(__name__)
+
+# Set by a sweep's launcher callback to the MLflow run id that groups the sweep's jobs.
+PARENT_RUN_ENV = "DCC_MLFLOW_PARENT_RUN"
+# Set by the same callback to the comma-separated override keys the sweep varies (they go into run names).
+SWEPT_KEYS_ENV = "DCC_SWEPT_KEYS"
+
+# Tags: the sweep callback puts the first three on a sweep's parent run, MLflow groups child runs by the last;
+# the report finds sweeps and their jobs by them.
+SWEEP_TAG = "dcc.sweep"
+SWEEP_NAME_TAG = "dcc.sweep_name"
+SWEEP_KEY_TAG = "dcc.sweep_key"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created) between processes of this machine; released on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a/b": 1}``; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def default_tracking_uri(launch_dir: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the launch directory (default: the current directory)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{((launch_dir or Path()) / 'mlflow.db').resolve()}"
+
+
+def tracking_uri(cfg: Any, launch_dir: Path | None = None) -> str:
+    """The MLflow store of a config: ``logger.tracking_uri``, else :func:`default_tracking_uri`."""
+    return cfg.logger.tracking_uri or default_tracking_uri(launch_dir)
+
+
+def logging_off(cfg: Any) -> bool:
+    """``logger=none``."""
+    return choice(cfg.logger.name, LoggerName) is LoggerName.none
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of MLflow experiment ``name``, created when missing (another job may create it at the same time)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - another job created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(cwd: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class NullTracker:
+    """``logger=none``: logs nothing."""
+
+    run_id: str | None = None
+
+    def start(self, **_: Any) -> None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def describe(self) -> str:
+        return "MLflow logging is off (logger=none)"
+
+
+class MLflowTracker:
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        if tracking_uri.startswith("sqlite:///"):
+            # A new SQLite store is created by schema migrations that race when parallel jobs start
+            # together; one job at a time creates it, the others wait on a lock file beside it.
+            with file_lock(Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock")):
+                self.client = MlflowClient(tracking_uri=tracking_uri)
+                self.client.search_experiments(max_results=1)
+        else:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def start(
+        self, *, run_id: str | None, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+        config_yaml: str,
+    ) -> str:
+        """Resume ``run_id`` when given (and present), else create a run and log params, tags and the config."""
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        self.experiment_id = experiment_id(self.client, self.experiment)
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if run_id is not None:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                if parent:  # continued by a re-run sweep: it joins that sweep's group
+                    self.client.set_tag(run_id, PARENT_TAG, parent)
+                self.run_id = run_id
+                return run_id
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cannot resume MLflow run %s (%s): starting a new run", run_id, exc)
+        tags = dict(tags)
+        if parent:  # a sweep's parent run (created by the multirun callback): the UI groups the jobs under it
+            tags[PARENT_TAG] = parent
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        self.client.log_text(self.run_id, config_yaml, "config.yaml")
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def describe(self) -> str:
+        uri = self.tracking_uri
+        url = f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if uri.startswith(("http://", "https://")):
+            return f"MLflow run {self.run_id}: {uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"MLflow run {self.run_id}\nOpen it with: mlflow ui --backend-store-uri {uri}   then {url}"
+
+
+def make_tracker(cfg: Any, launch_dir: Path) -> NullTracker | MLflowTracker:
+    if logging_off(cfg):
+        return NullTracker()
+    return MLflowTracker(tracking_uri(cfg, launch_dir), cfg.logger.experiment)
