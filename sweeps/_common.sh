@@ -3,10 +3,12 @@
 # the script's sweep (the array SWEEP), named after it (hydra.job.name: the MLflow parent run, the
 # SLURM job name and `python -m dcc.report <name>`), plus a budget profile and the user's overrides:
 #
-#   bash sweeps/<name>.sh [try|paper] [overrides...]
+#   bash sweeps/<name>.sh [try|bench|paper] [overrides...]
 #
 #   (no profile)  the config's own budget: on the embedded dataset the digits preset (600 steps per job)
 #   try           a few minutes on a CPU: 40 steps per job on the embedded digits scenes
+#   bench         the embedded benchmark (docs/embedded-benchmark.md): 2,000 steps per job, consistency loss
+#                 from step 600, two 1-thread jobs at a time on this machine (the local launcher)
 #   paper         the paper's setting: the preset conf/experiment/$EXPERIMENT.yaml (default
 #                 voc_deeplabv3plus_r50: Pascal VOC, DeepLabv3+ ResNet-50, the authors' schedule); add the
 #                 data and weights (dataset.root=... backbone.weights=...) and a launcher (hydra/launcher=slurm)
@@ -17,6 +19,8 @@
 # logger.tracking_uri=http://host:5000, trainer.max_steps=200.
 
 TRY=(trainer.max_steps=40 trainer.eval_every=20 trainer.checkpoint_every=20 loss.start_step=10)
+BENCH=(trainer.max_steps=2000 trainer.eval_every=500 trainer.checkpoint_every=500 loss.start_step=600
+       hydra/launcher=local hydra.sweeper.max_batch_size=2 hydra.launcher.cpus_per_task=1 trainer.progress=false)
 PAPER=("experiment=${EXPERIMENT:-voc_deeplabv3plus_r50}")
 
 run_sweep() {
@@ -24,6 +28,7 @@ run_sweep() {
     local extra=()
     case "${1:-}" in
         try) extra=("${TRY[@]}"); shift ;;
+        bench) extra=("${BENCH[@]}"); shift ;;
         paper) extra=("${PAPER[@]}"); shift ;;
     esac
     if [[ -n "${SEEDS:-}" ]]; then
@@ -31,7 +36,6 @@ run_sweep() {
     fi
     local root
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-    set -x
-    exec "${PYTHON:-python}" "$root/run.py" -m hydra/callbacks=mlflow_parent hydra.job.name="$name" \
-        "${SWEEP[@]}" "${extra[@]}" "$@"
+    (set -x; "${PYTHON:-python}" "$root/run.py" -m hydra/callbacks=mlflow_parent hydra.job.name="$name" \
+        "${SWEEP[@]}" "${extra[@]}" "$@")
 }

@@ -137,3 +137,18 @@ def test_two_job_sweep_from_the_command_line(tiny_overrides, tmp_path):
     assert sorted((r.data.tags["loss"], r.data.tags["split"], r.info.status) for r in runs) == [
         ("ablation_iv", "1_8", "FINISHED"), ("ablation_viii", "1_8", "FINISHED")]
     assert proc.stdout.count("final val mIoU") == 2 and "mlflow ui --backend-store-uri" in proc.stdout
+
+
+def test_suponly_and_cac_runs_are_identical_until_the_consistency_loss_starts(tiny_overrides, tmp_path):
+    """A paired comparison: the CAC-only heads do not shift the RNG, so both runs see the same weights, batches and
+    dropout masks up to loss.start_step (2 here), and differ after it."""
+    def history(loss: str, sub: str) -> list[float]:
+        over = [o.replace(str(tmp_path), str(tmp_path / sub)) for o in tiny_overrides] + [f"loss={loss}"]
+        run(compose_cfg(over), launch_dir=tmp_path / sub)
+        client = _client(over)
+        (r,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+        return [m.value for m in client.get_metric_history(r.info.run_id, "train/loss_ce")]
+
+    sup, cac = history("suponly", "a"), history("ablation_viii", "b")
+    assert sup[0] == cac[0]  # logged at step 2: the mean CE of steps 1-2
+    assert sup[1:] != cac[1:]

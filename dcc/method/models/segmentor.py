@@ -42,9 +42,13 @@ class Segmentor(nn.Module):
         self.head = head
         self.classifier_dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Conv2d(head.out_channels, num_classes, 1)
-        self.projector = Projector(head.out_channels, proj_dim) if proj_dim else None
-        # C_w (Eq. 11): global average pooling of the features f, then a linear layer over the foreground classes
-        self.weak_classifier = nn.Linear(head.out_channels, weak_classes) if weak_classes else None
+        # The heads only CAC has draw their initial weights from a forked RNG: every other weight, and every later
+        # random draw (dropout, sampling), is then the same as in a supervised-only model of the same seed, so
+        # that SupOnly and CAC runs are identical up to loss.start_step (a paired comparison).
+        with torch.random.fork_rng(devices=[]):
+            self.projector = Projector(head.out_channels, proj_dim) if proj_dim else None
+            # C_w (Eq. 11): global average pooling of the features f, then a linear layer over the foreground classes
+            self.weak_classifier = nn.Linear(head.out_channels, weak_classes) if weak_classes else None
         if consistency_stride % head.stride:
             raise ValueError(f"consistency stride {consistency_stride} is not a multiple of the head stride {head.stride}")
         self.consistency_stride = consistency_stride

@@ -1,0 +1,48 @@
+"""The sweep scripts' `bench` profile: what it runs, and that every job it would launch composes and validates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from dcc.config import validate
+from tests.conftest import ROOT, compose_cfg
+
+
+def _commands(script: str, *args: str) -> list[list[str]]:
+    out = subprocess.run(["bash", str(ROOT / "sweeps" / script), *args], env={**os.environ, "PYTHON": "echo"},
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split()[2:] for line in out.splitlines() if line.strip()]  # drop "run.py -m"
+
+
+def _jobs(argv: list[str]) -> list[list[str]]:
+    """Expand the sweep's comma lists into one override list per job (hydra/ keys dropped)."""
+    jobs: list[list[str]] = [[]]
+    for arg in argv:
+        key, value = arg.split("=", 1)
+        if key.startswith("hydra"):
+            continue
+        jobs = [job + [f"{key}={v}"] for job in jobs for v in value.split(",")]
+    return jobs
+
+
+def test_seeds_bench_runs_the_grid_over_three_seeds_and_the_ceiling():
+    grid, ceiling = _commands("seeds.sh", "bench")
+    assert "hydra/launcher=local" in grid and "hydra.sweeper.max_batch_size=2" in grid
+    assert "hydra.job.name=seeds" in grid and "hydra.job.name=seeds_ceiling" in ceiling
+    jobs = _jobs(grid)
+    assert len(jobs) == 6 and {j[-1] for j in jobs} == {"trainer.seed=1", "trainer.seed=2", "trainer.seed=3"}
+    (top,) = _jobs(ceiling)
+    assert "split=full" in top and "loss=suponly" in top and "trainer.seed=1" in top
+
+
+@pytest.mark.parametrize("script", ["seeds.sh", "ablation.sh"])
+def test_every_bench_job_composes_and_validates(script):
+    for argv in _commands(script, "bench"):
+        for job in _jobs(argv)[:3]:
+            cfg = compose_cfg([o.replace("split=1_8", "split='1_8'") for o in job])
+            validate(cfg)
+            assert cfg.dataset.name.name == "digits" and cfg.trainer.max_steps == 2000
+            assert cfg.loss.start_step == 600 and cfg.dataset.scenes.pretrain.steps > 0
