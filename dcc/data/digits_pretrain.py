@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dcc.data.digits import cache_path, digit_pools, load_mnist, render_scenes
-from dcc.tracking import _file_lock as file_lock
+from dcc.engine.tracking import file_lock
 
 log = logging.getLogger(__name__)
 

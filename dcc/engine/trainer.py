@@ -38,7 +38,7 @@ from dcc.method.models import Segmentor, build_model
 from dcc.engine.optim import build_optimizer, poly_scheduler
 from dcc.engine.preemption import PreemptionGuard
 from dcc.engine.resume import continue_command, resume_mode
-from dcc.engine.tracking import NullTracker
+from dcc.engine.tracking import logging_off
 from dcc.engine.visualize import dataset_palette, save_prediction_grid
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ class Trainer:
         self.model = model
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = poly_scheduler(self.optimizer, tc.max_steps, cfg.optim.poly_power)
-        diagnostics = bool(tc.diagnostics) and not isinstance(tracker, NullTracker)  # no cost when nothing is logged
+        # no cost when nothing is logged; decided from the config, so that every rank computes the same terms
+        diagnostics = bool(tc.diagnostics) and not logging_off(cfg)
         self.branch = ConsistencyBranch(
             cfg.loss, shared_bn=choice(tc.view_bn, ViewBN) is ViewBN.shared, diagnostics=diagnostics,
             num_classes=cfg.dataset.num_classes, ignore_index=self.ignore,
