@@ -175,6 +175,10 @@ class StudySweeper(Sweeper):
                                     directions=directions, load_if_exists=True)
 
         trials = study.get_trials(deepcopy=False)
+        if trials and hasattr(study.sampler, "reseed_rng"):
+            # A continued study: a sampler with a fixed seed would start its random draws over and ask for the
+            # parameters of trial 0 again (the same job, which the run directory then reports as finished).
+            study.sampler.reseed_rng()
         finished = sum(t.state in FINISHED for t in trials)
         running = [t for t in trials if t.state == TrialState.RUNNING]
         live = [t for t in running if _alive_elsewhere(t.user_attrs.get(OWNER_ATTR))]
