@@ -36,6 +36,6 @@ run_sweep() {
     fi
     local root
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-    (set -x; "${PYTHON:-python}" "$root/run.py" -m hydra/callbacks=mlflow_parent hydra.job.name="$name" \
+    (set -x; "${PYTHON:-python}" "$root/run.py" -m hydra.job.name="$name" \
         "${SWEEP[@]}" "${extra[@]}" "$@")
 }
