@@ -37,7 +37,7 @@ def _pyramid(dim: int, output_stride: int) -> int:
 @pytest.mark.parametrize("name", [P16, P14])
 @pytest.mark.parametrize("segnet, feat_stride, output_stride", [("deeplabv3plus", 4, 16), ("pspnet", 8, 8)])
 def test_both_heads_parameters_and_two_input_sizes(name, segnet, feat_stride, output_stride):
-    cfg = _vit_cfg(name, segnet, "task=summary")
+    cfg = _vit_cfg(name, segnet, "task=summary", f"segnet.output_stride={output_stride}")
     validate(cfg)
     model = build_model(cfg).eval()
     vit = timm.create_model(name, num_classes=0, **TINY_VIT)
