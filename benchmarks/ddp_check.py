@@ -13,7 +13,7 @@ with plain BatchNorm:
   SyncBatchNorm equal two separate whole-batch forwards (the authors' two encoder calls);
 
 and times ``--steps`` synchronised training steps (images/s over all ranks). Prints the largest relative
-differences and a PASS / FAIL line per check. TF32 is off so that the comparisons are in plain float32.
+differences and a PASS / FAIL line per check. TF32 and dropout are off so that the comparisons are exact up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def _model(device: torch.device):
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", "backbone=resnet18", "dataset.scenes.pretrain.steps=0"])
+        cfg = compose("config", overrides=["logger=none", "backbone=resnet18", "dataset.scenes.pretrain.steps=0",
+                                               "segnet.dropout=0", "segnet.classifier_dropout=0"])
     torch.manual_seed(0)
     return build_model(cfg).to(device).train()
 
@@ -88,6 +89,11 @@ def reference(device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def no_tf32() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,6 +102,7 @@ def _sync(device: torch.device) -> None:
 def worker(backend: str, steps: int, device_type: str) -> dict:
     """Runs in each spawned process; rank 0's return value comes back to the parent."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    no_tf32()  # a spawned process starts with torch's defaults (cuDNN convolutions in TF32)
     if device_type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -158,8 +165,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the plumbing (gloo, no SyncBatchNorm)")
     args = p.parse_args()
     cuda = args.device == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    no_tf32()
     if cuda:
         print(f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
               f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}; backend {args.backend}, {args.nprocs} processes")

@@ -205,3 +205,23 @@ def test_two_cac_steps_on_the_digits(name, tiny_overrides, tmp_path):
                                    "trainer.max_steps=2", "trainer.eval_every=2", "loss.start_step=0", "logger=none"])
     miou = run(cfg, launch_dir=tmp_path)
     assert 0.0 <= miou <= 1.0
+
+
+def test_backbone_without_meta_kernels_is_checked_on_the_cpu(monkeypatch):
+    """torch 2.11 has no meta kernel for an operator that building RegNetX calls (aten::_unique2, seen on a GPU
+    machine): the check then builds the backbone for real instead of rejecting it."""
+    import dcc.method.models.backbone as bb
+
+    real = bb.build_backbone
+
+    def no_meta_kernel(*args, **kwargs):
+        if torch.empty(0).device.type == "meta":
+            raise NotImplementedError("aten::_unique2: attempted to run this operator with Meta tensors")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bb, "build_backbone", no_meta_kernel)
+    bb._check_cached.cache_clear()
+    try:
+        assert check_backbone("regnetx_002", output_stride=8, segnet="deeplabv3plus") is None
+    finally:
+        bb._check_cached.cache_clear()
