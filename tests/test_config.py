@@ -56,7 +56,7 @@ def test_split_fractions_and_defaults():
     assert fractions == {"1_16": 1 / 16, "1_8": 1 / 8, "1_4": 1 / 4, "full": 1.0}
     cfg = compose_cfg()
     assert (cfg.loss.preset, cfg.split.name, cfg.dataset.name.name, cfg.backbone.name) == (
-        "ablation_viii", "1_8", "digits", "regnetx_002")  # the digits preset picks the small pretrained backbone
+        "ablation_viii", "1_8", "digits", "resnet10t")  # the digits preset picks the small pretrained backbone
     assert compose_cfg(["backbone=resnet18"]).backbone.name == "resnet18"  # the command line still wins
 
 
