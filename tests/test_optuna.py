@@ -37,6 +37,8 @@ class CtrlCAtJob(Callback):
 
     def on_job_start(self, config, **kwargs) -> None:
         if config.hydra.job.num == self.job_num:
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started from a background job (`cmd &`, nohup):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # the shell left Ctrl-C ignored; a terminal has it
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)  # the KeyboardInterrupt arrives here
 
