@@ -121,6 +121,11 @@ def result_neutral(key: str) -> bool:
 E = TypeVar("E", bound=Enum)
 
 
+def plain(node: Any) -> dict[str, Any]:
+    """A config mapping as plain Python (lists stay lists): what timm's keyword arguments need."""
+    return dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node or {})
+
+
 def choice(value: Any, enum: type[E]) -> E:
     """A config value as its enum member, whether OmegaConf gives the member or its name (``Method.cac``, ``"cac"``)."""
     return value if isinstance(value, enum) else enum[str(getattr(value, "name", value))]
@@ -484,7 +489,7 @@ def _validate_network(segnet: Any, backbone: Any, ds: Any) -> None:
     from dcc.method.models.backbone import check_backbone
 
     problem = check_backbone(backbone.name, output_stride=segnet.output_stride, segnet=seg.name,
-                             kwargs=dict(backbone.kwargs), vit_blocks=list(backbone.vit_blocks))
+                             kwargs=plain(backbone.kwargs), vit_blocks=list(backbone.vit_blocks))
     _check(problem is None, str(problem))
     if seg is SegNetName.pspnet:
         _check(

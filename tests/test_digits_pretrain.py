@@ -70,3 +70,16 @@ def test_the_pretraining_never_sees_scene_digits(tmp_path, monkeypatch):
     pools = digits_pretrain.digit_pools(0)
     used = set(torch.cat([torch.as_tensor(p) for p in seen]).tolist())
     assert used <= set(pools["pretrain"].tolist())
+
+
+def test_a_truncated_backbone_shares_the_full_classifiers_cache(tmp_path):
+    """out_indices picks the stages the segmentation backbone taps (here: the last stage dropped), not the
+    pretrained classifier: same cache file, and the kept stages load from it."""
+    cfg = _cfg(tmp_path)
+    truncated = _cfg(tmp_path, ["+backbone.kwargs.out_indices=[1,3]"])
+    assert digits_pretrain.weights_path(truncated) == digits_pretrain.weights_path(cfg)
+    state = torch.load(digits_pretrain.ensure_pretrained_backbone(truncated), weights_only=True)
+    model = build_model(truncated, backbone_weights=digits_pretrain.embedded_backbone_weights(truncated))
+    body = model.backbone.body.state_dict()
+    assert not any(k.startswith("layer4.") for k in body) and model.backbone.high_channels == 256
+    assert all(torch.equal(state[k], body[k]) for k in body)

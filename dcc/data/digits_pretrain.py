@@ -28,11 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcc.config import plain
 from dcc.data.digits import cache_path, digit_pools, load_mnist, render_scenes
 from dcc.engine.tracking import file_lock
 
 log = logging.getLogger(__name__)
 
+# timm's feature-extraction options: they pick which stages the segmentation backbone taps (out_indices=[1, 3]
+# drops the last stage), not the classifier that is pretrained, so they neither reach it nor key its cache.
+_FEATURE_KWARGS = ("out_indices", "feature_cls", "feature_cfg", "output_stride")
 _HOLDOUT = 200  # pretraining-pool digits kept out of training, for the accuracy figure
 _TEST_IMAGES = 1000
 
@@ -41,7 +45,7 @@ def pretrain_params(cfg: Any) -> dict[str, Any]:
     """Everything the cached weights depend on, from a run config."""
     pc, sc, bb = cfg.dataset.scenes.pretrain, cfg.dataset.scenes, cfg.backbone
     return {
-        "backbone": str(bb.name), "kwargs": {str(k): v for k, v in dict(bb.kwargs).items()},
+        "backbone": str(bb.name), "kwargs": {str(k): v for k, v in plain(bb.kwargs).items() if k not in _FEATURE_KWARGS},
         "steps": int(pc.steps), "batch_size": int(pc.batch_size), "lr": float(pc.lr),
         "num_images": int(pc.num_images), "image_size": int(pc.image_size),
         "digit_size": [int(v) for v in pc.digit_size], "stroke": int(sc.stroke), "seed": int(sc.seed),

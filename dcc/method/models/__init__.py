@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcc.config import Method, SegNetName, choice
+from dcc.config import Method, SegNetName, choice, plain
 from dcc.method.models.backbone import Backbone, WeightsError, build_backbone, load_local_weights
 from dcc.method.models.heads import DeepLabV3PlusHead, PSPHead
 from dcc.method.models.segmentor import Projector, Segmentor
@@ -24,7 +24,7 @@ def build_model(cfg: Any, *, backbone_weights: str | None = None) -> Segmentor:
         weights=backbone_weights or bb.weights,
         pretrained=bb.pretrained,
         allow_download=bb.allow_download,
-        kwargs=dict(bb.kwargs),
+        kwargs=plain(bb.kwargs),
         vit_blocks=list(bb.get("vit_blocks") or []),
     )
     if name is SegNetName.deeplabv3plus:
