@@ -44,5 +44,5 @@ def test_every_bench_job_composes_and_validates(script):
         for job in _jobs(argv)[:3]:
             cfg = compose_cfg([o.replace("split=1_8", "split='1_8'") for o in job])
             validate(cfg)
-            assert cfg.dataset.name.name == "digits" and cfg.trainer.max_steps == 900
+            assert cfg.dataset.name.name == "digits" and cfg.trainer.max_steps == 1200
             assert cfg.loss.start_step == 300 and cfg.dataset.scenes.pretrain.steps > 0
