@@ -155,6 +155,10 @@ class Trainer:
             cfg.loss, shared_bn=choice(tc.view_bn, ViewBN) is ViewBN.shared, diagnostics=diagnostics,
             num_classes=cfg.dataset.num_classes, ignore_index=self.ignore,
         ) if method is Method.cac else None
+        if self.branch is not None and not self.branch.shared_bn and ddp.world_size() > 1 and device.type == "cuda":
+            log.warning("%strainer.view_bn=per_view with SyncBatchNorm over %d processes is not verified yet: "
+                        "benchmarks/ddp_check.py found a gradient difference (benchmarks/RESULTS.md, 2026-11-26); "
+                        "trainer.view_bn=shared avoids the question", self.prefix, ddp.world_size())
         self.autocast = _autocast(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is not None
                                            and str(tc.precision).endswith("fp16"))
