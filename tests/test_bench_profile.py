@@ -29,13 +29,18 @@ def _jobs(argv: list[str]) -> list[list[str]]:
 
 
 def test_seeds_bench_runs_the_grid_over_three_seeds_and_the_ceiling():
-    grid, ceiling = _commands("seeds.sh", "bench")
+    commands = _commands("seeds.sh", "bench")  # the ceiling starts in the background: either may print first
+    (grid,) = [c for c in commands if "hydra.job.name=seeds" in c]
+    (ceiling,) = [c for c in commands if "hydra.job.name=seeds_ceiling" in c]
     assert "hydra/launcher=local" in grid and "hydra.sweeper.max_batch_size=2" in grid
     assert "hydra.job.name=seeds" in grid and "hydra.job.name=seeds_ceiling" in ceiling
     jobs = _jobs(grid)
     assert len(jobs) == 6 and {j[-1] for j in jobs} == {"trainer.seed=1", "trainer.seed=2", "trainer.seed=3"}
     (top,) = _jobs(ceiling)
     assert "split=full" in top and "loss=suponly" in top and "trainer.seed=1" in top
+    # its own sweep directory: the grid and the ceiling start in the same second
+    assert any(a.startswith("hydra.sweep.dir=") and a.endswith("_ceiling") for a in ceiling)
+    assert jobs[0][0] == "loss=ablation_viii"  # the long jobs first, so that batches pair like with like
 
 
 @pytest.mark.parametrize("script", ["seeds.sh", "ablation.sh"])
@@ -44,5 +49,5 @@ def test_every_bench_job_composes_and_validates(script):
         for job in _jobs(argv)[:3]:
             cfg = compose_cfg([o.replace("split=1_8", "split='1_8'") for o in job])
             validate(cfg)
-            assert cfg.dataset.name.name == "digits" and cfg.trainer.max_steps == 1200
+            assert cfg.dataset.name.name == "digits" and cfg.trainer.max_steps == 1500 and cfg.trainer.channels_last
             assert cfg.loss.start_step == 300 and cfg.dataset.scenes.pretrain.steps > 0
