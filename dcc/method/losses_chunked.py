@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dcc.method.losses import _anchor_mask
+
 __all__ = ["chunked_directional_contrastive_loss"]
 
 
@@ -111,10 +113,8 @@ def chunked_directional_contrastive_loss(
         losses = _all_pixel_losses(
             anchor, positive, label_a, neg_feat, neg_label, temperature, negative_sampling, chunk_size
         )
-        mask = torch.ones_like(losses)
-        if directional:
-            mask = mask * (conf_a < conf_p).to(losses.dtype)
-        if positive_filtering:
-            mask = mask * (conf_p > pos_threshold).to(losses.dtype)
+        # Eq. (2) and (7), applied after every pixel's loss is computed (as the released code does)
+        mask = _anchor_mask(conf_a, conf_p, pos_threshold=pos_threshold, directional=directional,
+                            positive_filtering=positive_filtering).to(losses.dtype)
         total = total + (losses * mask).sum() / mask.sum().clamp(min=1.0)
     return total
