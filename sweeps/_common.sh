@@ -8,7 +8,8 @@
 #   (no profile)  the config's own budget: on the embedded dataset the digits preset (600 steps per job)
 #   try           a few minutes on a CPU: 40 steps per job on the embedded digits scenes
 #   bench         the embedded benchmark (docs/embedded-benchmark.md): 1,500 steps per job, consistency loss
-#                 from step 300, two 1-thread jobs at a time on this machine (the local launcher)
+#                 from step 300, a pool of two 1-thread jobs on this machine (the local launcher: the next job starts
+#                 as soon as one ends)
 #   paper         the paper's setting: the preset conf/experiment/$EXPERIMENT.yaml (default
 #                 voc_deeplabv3plus_r50: Pascal VOC, DeepLabv3+ ResNet-50, the authors' schedule); add the
 #                 data and weights (dataset.root=... backbone.weights=...) and a launcher (hydra/launcher=slurm)
@@ -23,7 +24,8 @@ TRY=(trainer.max_steps=40 trainer.eval_every=20 trainer.checkpoint_every=20 loss
 # keeps the preset's NCHW (its figures were measured so: 4 min 24 s and 0.494 with channels_last, against 0.503)
 BENCH=(trainer.max_steps=1500 trainer.eval_every=150 trainer.checkpoint_every=150 loss.start_step=300
        trainer.channels_last=true
-       hydra/launcher=local hydra.sweeper.max_batch_size=2 hydra.launcher.cpus_per_task=1 trainer.progress=false)
+       hydra/launcher=local hydra.sweeper.max_batch_size=null hydra.launcher.max_parallel=2
+       hydra.launcher.cpus_per_task=1 trainer.progress=false)
 PAPER=("experiment=${EXPERIMENT:-voc_deeplabv3plus_r50}")
 
 run_sweep() {

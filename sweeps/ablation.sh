@@ -6,6 +6,8 @@
 #   SEEDS=1,2,3 bash sweeps/ablation.sh try           # mean and std over three seeds
 # then: python -m dcc.report ablation
 set -euo pipefail
-SWEEP=(loss=suponly,st,ablation_i,ablation_ii,ablation_iii,ablation_iv,ablation_v,ablation_vi,ablation_vii,ablation_viii split=1_8)
+# the long jobs first (ST trains twice, rows I-VIII see two views), SupOnly last: a pool (`bench`) then ends evenly;
+# the report orders the rows as Table 3 does
+SWEEP=(loss=st,ablation_i,ablation_ii,ablation_iii,ablation_iv,ablation_v,ablation_vi,ablation_vii,ablation_viii,suponly split=1_8)
 source "$(dirname "$0")/_common.sh"
 run_sweep ablation "$@"

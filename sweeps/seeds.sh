@@ -5,8 +5,8 @@
 #   SEEDS=1,2,3,4,5 bash sweeps/seeds.sh paper hydra/launcher=slurm
 # then: python -m dcc.report seeds   (bench: also python -m dcc.report seeds_ceiling)
 #
-# Row VIII comes first: its jobs are the long ones, so the two-at-a-time batches of `bench` pair like with
-# like (VIII+VIII, VIII+SupOnly, SupOnly+SupOnly). In `bench` the ceiling runs beside the grid from the start
+# Row VIII comes first: its jobs are the long ones, started first by the two-job pool of `bench` so that the
+# short ones fill the end. In `bench` the ceiling runs beside the grid from the start
 # (three 1-thread jobs on two cores for its first part) instead of alone after it (timings in
 # docs/embedded-benchmark.md).
 set -euo pipefail

@@ -168,3 +168,21 @@ def test_four_concurrent_jobs_log_four_complete_runs_to_one_store(tiny_overrides
     # the jobs really overlapped: each started before another one ended
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)
     assert all(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
+
+
+@pytest.mark.slow
+def test_a_pool_of_two_runs_three_jobs_never_more_than_two_at_once(tiny_overrides, tmp_path):
+    over = [*sweep_overrides(tiny_overrides), "trainer.threads=1"]
+    proc = run_py(["-m", "hydra/launcher=local", "hydra/callbacks=mlflow_parent", "hydra.job.name=pool",
+                   "hydra.sweeper.max_batch_size=null", "hydra.launcher.max_parallel=2",
+                   "loss=suponly", "loss.weight=0.1,0.2,0.3", *over], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=tracking_uri(over))
+    exp = client.get_experiment_by_name("digits")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`dcc.sweep` = 'true'")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.params["loss/weight"] for r in children) == ["0.1", "0.2", "0.3"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    # at most two at a time: the third started only after one of the first two had ended
+    spans = sorted((r.info.start_time, r.info.end_time) for r in children)
+    assert spans[2][0] >= min(spans[0][1], spans[1][1])

@@ -11,7 +11,10 @@ not requeued: it exits.
 
 ``LocalLauncher``: several jobs at once on this machine (submitit's local executor). With
 ``visible_gpus`` the jobs take turns over those GPUs (job i gets ``gpus_per_node`` of them starting at
-``i * gpus_per_node``); with ``cpus_per_task`` each job's torch/OpenMP threads are limited to it.
+``i * gpus_per_node``); with ``cpus_per_task`` each job's torch/OpenMP threads are limited to it. With
+``max_parallel: N`` the jobs of a batch run as a pool: at most N at a time, the next one starting as soon
+as any finishes (Hydra's own batches, ``hydra.sweeper.max_batch_size``, wait for their slowest job, which
+leaves cores idle when jobs differ in length).
 The launcher classes themselves are the shims in hydra_plugins/dcc_plugins/launcher.py (Hydra instantiates
 launchers only from there).
 """
@@ -22,7 +25,8 @@ import logging
 import os
 import signal
 import subprocess
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +90,31 @@ def prepare_local_job(params: dict[str, Any], pool: list[int], job_num: int) -> 
     if cpus:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(cpus))
+
+
+def max_parallel(params: dict[str, Any]) -> int | None:
+    """``max_parallel`` taken out of the launcher's parameters (submitit does not know it), validated."""
+    value = params.pop("max_parallel", None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"hydra.launcher.max_parallel={value!r}: a positive number of jobs, or null (the whole batch at once)")
+    if params.get("visible_gpus"):
+        raise ValueError("hydra.launcher.max_parallel with hydra.launcher.visible_gpus: not supported (GPUs are handed "
+                         "out by job number, not by free slot); bound the batch with hydra.sweeper.max_batch_size")
+    return value
+
+
+def launch_pooled(launch: Callable[[Sequence[Sequence[str]], int], list[Any]], job_overrides: Sequence[Sequence[str]],
+                  initial_job_idx: int, limit: int | None) -> list[Any]:
+    """``launch`` (a launcher's batch launch) one job at a time, at most ``limit`` jobs running at once.
+
+    Each job keeps its number (``initial_job_idx + i``: its sweep subdirectory and its seed-independent
+    identity), and the results come back in the jobs' order. When a job fails the others still run; the
+    first failure (in job order) is raised once all have ended.
+    """
+    if not limit or limit >= len(job_overrides):
+        return launch(job_overrides, initial_job_idx)
+    with ThreadPoolExecutor(max_workers=limit) as pool:
+        futures = [pool.submit(launch, [overrides], initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+    return [ret for future in futures for ret in future.result()]

@@ -11,7 +11,8 @@ from typing import Any
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _SubmititLocal
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
 
-from dcc.sweeps.launcher import gpu_pool, job_state, prepare_local_job, requeue_handler, requeue_on_sigterm  # noqa: F401
+from dcc.sweeps.launcher import (gpu_pool, job_state, launch_pooled, max_parallel, prepare_local_job,  # noqa: F401
+                                 requeue_handler, requeue_on_sigterm)
 
 
 class SlurmLauncher(_SubmititSlurm):
@@ -22,8 +23,12 @@ class SlurmLauncher(_SubmititSlurm):
 
 class LocalLauncher(_SubmititLocal):
     def __init__(self, **params: Any) -> None:
+        self.max_parallel = max_parallel(params)
         self.gpu_pool = gpu_pool(params)
         super().__init__(**params)
+
+    def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
+        return launch_pooled(super().launch, job_overrides, initial_job_idx, self.max_parallel)
 
     def __call__(self, sweep_overrides: Any, job_dir_key: str, job_num: int, *args: Any, **kwargs: Any) -> Any:
         prepare_local_job(self.params, self.gpu_pool, job_num)
