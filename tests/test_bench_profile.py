@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +53,14 @@ def test_every_bench_job_composes_and_validates(script):
             validate(cfg)
             assert cfg.dataset.name.name == "digits" and cfg.trainer.max_steps == 1500 and cfg.trainer.channels_last
             assert cfg.loss.start_step == 300 and cfg.dataset.scenes.pretrain.steps > 0
+
+
+def test_the_optuna_bench_runs_two_trials_at_a_time_and_starts(tmp_path):
+    (argv,) = _commands("optuna.sh", "bench")
+    assert "hydra.sweeper.n_jobs=2" in argv and not any("max_batch_size" in a for a in argv)
+    # the real command composes with Optuna's sweeper (which has no max_batch_size) and opens its study
+    proc = subprocess.run(["bash", str(ROOT / "sweeps" / "optuna.sh"), "bench", "hydra.sweeper.n_trials=0"],
+                          cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "optuna.db").exists()
