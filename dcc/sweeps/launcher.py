@@ -109,8 +109,8 @@ def launch_pooled(launch: Callable[[Sequence[Sequence[str]], int], list[Any]], j
                   initial_job_idx: int, limit: int | None) -> list[Any]:
     """``launch`` (a launcher's batch launch) one job at a time, at most ``limit`` jobs running at once.
 
-    Each job keeps its number (``initial_job_idx + i``: its sweep subdirectory and its seed-independent
-    identity), and the results come back in the jobs' order. When a job fails the others still run; the
+    Each job keeps its number (``initial_job_idx + i``, which names its sweep subdirectory), and the results
+    come back in the jobs' order. When a job fails the others still run; the
     first failure (in job order) is raised once all have ended.
     """
     if not limit or limit >= len(job_overrides):
