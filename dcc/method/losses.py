@@ -53,7 +53,7 @@ from torch import Tensor
 
 from dcc.engine.distributed import global_mean, world_size
 
-__all__ = ["cross_entropy", "directional_contrastive_loss", "l2_alignment_loss", "weak_classification_loss"]
+__all__ = ["anchor_mask", "cross_entropy", "directional_contrastive_loss", "l2_alignment_loss", "weak_classification_loss"]
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
@@ -69,7 +69,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return global_mean(total, (target != ignore_index).sum())
 
 
-def _anchor_mask(
+def anchor_mask(
     conf_a: Tensor,
     conf_p: Tensor,
     *,
@@ -255,8 +255,8 @@ def directional_contrastive_loss(
     pos_of_1, pos_of_2 = (feat2.detach(), feat1.detach()) if directional else (feat2, feat1)
 
     masks = dict(pos_threshold=pos_threshold, directional=directional, positive_filtering=positive_filtering)
-    idx12 = _select_anchors(_anchor_mask(conf1, conf2, **masks))  # anchors of l(1 -> 2)
-    idx21 = _select_anchors(_anchor_mask(conf2, conf1, **masks))  # anchors of l(2 -> 1)
+    idx12 = _select_anchors(anchor_mask(conf1, conf2, **masks))  # anchors of l(1 -> 2)
+    idx21 = _select_anchors(anchor_mask(conf2, conf1, **masks))  # anchors of l(2 -> 1)
     k12, k21 = idx12.numel(), idx21.numel()
 
     per_anchor = _info_nce_per_anchor(

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from dcc.method.losses import _anchor_mask
+from dcc.method.losses import anchor_mask
 
 __all__ = ["chunked_directional_contrastive_loss"]
 
@@ -114,7 +114,7 @@ def chunked_directional_contrastive_loss(
             anchor, positive, label_a, neg_feat, neg_label, temperature, negative_sampling, chunk_size
         )
         # Eq. (2) and (7), applied after every pixel's loss is computed (as the released code does)
-        mask = _anchor_mask(conf_a, conf_p, pos_threshold=pos_threshold, directional=directional,
+        mask = anchor_mask(conf_a, conf_p, pos_threshold=pos_threshold, directional=directional,
                             positive_filtering=positive_filtering).to(losses.dtype)
         total = total + (losses * mask).sum() / mask.sum().clamp(min=1.0)
     return total
