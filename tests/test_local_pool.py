@@ -71,3 +71,11 @@ def test_max_parallel_is_taken_out_of_the_submitit_parameters():
     assert max_parallel({"max_parallel": None}) is None
     with pytest.raises(ValueError, match="visible_gpus"):
         max_parallel({"max_parallel": 2, "visible_gpus": [0, 1]})
+
+
+def test_the_optuna_sweeper_may_launch_from_threads_except_when_gpus_go_by_job_number(tmp_path):
+    from hydra_plugins.dcc_plugins.launcher import LocalLauncher, SlurmLauncher
+
+    assert LocalLauncher(submitit_folder=str(tmp_path)).concurrent_launches
+    assert not LocalLauncher(submitit_folder=str(tmp_path), visible_gpus=[0, 1], gpus_per_node=1).concurrent_launches
+    assert SlurmLauncher.concurrent_launches

@@ -173,3 +173,90 @@ def test_interrupted_study_reruns_its_running_trial_with_the_same_params(tmp_pat
     assert _states(study) == ["COMPLETE"] * 5
     assert all(study.trials[n].params == p for n, p in running.items())
     assert all(0.01 <= t.params["w"] <= 10 and t.params["n"] in (1, 2, 3, 4) for t in study.trials)
+
+
+class _ConcurrentLauncher:
+    """Like the local launcher: runs each job inside ``launch`` (blocking) and may be called from several threads."""
+
+    concurrent_launches = True
+
+    def __init__(self, seconds):
+        import threading
+
+        self.seconds, self.lock = seconds, threading.Lock()
+        self.events, self.now, self.peak = [], 0, 0
+
+    def launch(self, overrides, initial_job_idx):
+        (ov,) = overrides
+        values = dict(o.split("=", 1) for o in ov)
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            self.events.append(("start", initial_job_idx))
+        time.sleep(self.seconds(initial_job_idx))
+        with self.lock:
+            self.now -= 1
+            self.events.append(("end", initial_job_idx))
+        return [_Ret(lambda v: float(v["w"]), ov)]
+
+
+def test_with_a_concurrent_launcher_the_next_trial_starts_as_soon_as_any_ends(tmp_path):
+    # job 0 is slow: in batches of two, job 2 would wait for it; asynchronously it runs beside it
+    sweeper = _sweeper(tmp_path, None, sampler=optuna.samplers.TPESampler(seed=0), direction="maximize",
+                       study_name="a", n_trials=4, n_jobs=2, params={"w": "interval(0, 1)"})
+    sweeper.launcher = _ConcurrentLauncher(lambda job: 3.0 if job == 0 else 0.1)
+    sweeper.sweep([])
+    events = sweeper.launcher.events
+    assert sweeper.launcher.peak == 2
+    assert events.index(("start", 2)) < events.index(("end", 0))  # job 2 started while job 0 still ran
+    assert sorted(j for e, j in events if e == "start") == [0, 1, 2, 3]  # each trial its own job number
+    assert _states(_study(tmp_path, "a")) == ["COMPLETE"] * 4
+
+
+def test_the_enqueued_baseline_is_trial_0_and_is_not_tried_again_when_the_study_continues(tmp_path):
+    kwargs = dict(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize", study_name="e", n_jobs=2,
+                  params={"w": "tag(log, interval(0.01, 10.0))", "t": "interval(0.5, 0.95)"},
+                  enqueue=[{"w": 0.1, "t": 0.75}])
+    _sweeper(tmp_path, lambda ov: float(ov["w"]), n_trials=3, **kwargs).sweep([])
+    again = _sweeper(tmp_path, lambda ov: float(ov["w"]), n_trials=5, **kwargs)
+    again.sweep([])
+    trials = _study(tmp_path, "e").trials
+    assert trials[0].params == {"w": 0.1, "t": 0.75} and trials[0].value == 0.1
+    assert [t.params for t in trials].count({"w": 0.1, "t": 0.75}) == 1
+    assert _states(_study(tmp_path, "e")) == ["COMPLETE"] * 5
+
+
+def test_an_enqueued_key_that_is_not_searched_is_refused_by_name(tmp_path):
+    sweeper = _sweeper(tmp_path, lambda ov: 0.0, study_name="x", n_trials=2, params={"w": "interval(0, 1)"},
+                       enqueue=[{"w": 0.5, "loss.temprature": 0.1}])
+    with pytest.raises(ValueError, match="loss.temprature"):
+        sweeper.sweep([])
+
+
+def test_an_enqueued_value_outside_the_space_is_skipped_and_a_fixed_key_left_to_the_command_line(tmp_path):
+    params = {"w": "interval(0, 1)", "t": "choice(0.5, 1.0)"}
+    sweeper = _sweeper(tmp_path, lambda ov: float(ov["w"]), sampler=optuna.samplers.TPESampler(seed=0),
+                       study_name="o", n_trials=2, params=params, enqueue=[{"w": 0.3, "t": 0.75}, {"w": 0.2, "t": 0.5}])
+    sweeper.sweep(["t=0.9"])  # t fixed by the command line: both entries enqueue w only
+    trials = _study(tmp_path, "o").trials
+    assert [t.params for t in trials] == [{"w": 0.3}, {"w": 0.2}]
+    skipped = _sweeper(tmp_path, lambda ov: 0.0, sampler=optuna.samplers.TPESampler(seed=0), study_name="p",
+                       n_trials=1, params=params, enqueue=[{"w": 0.3, "t": 0.75}])
+    skipped.sweep([])  # t=0.75 is not one of the choices: the entry is skipped, the study samples
+    (trial,) = _study(tmp_path, "p").trials
+    assert trial.params["t"] in (0.5, 1.0)
+
+
+@pytest.mark.slow
+def test_a_study_on_the_local_launcher_starts_from_the_preset_values(tiny_overrides, tmp_path):
+    # the local launcher launches trials from threads (asynchronous); trial 0 is the preset's lambda, gamma, tau
+    args = ["-m", SEARCH, "hydra/launcher=local", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.study_name=l", *sweep_overrides(tiny_overrides), "trainer.max_steps=2", "logger=none"]
+    proc = run_py(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = _study(tmp_path, "l")
+    assert _states(study) == ["COMPLETE"] * 3
+    cfg = yaml.safe_load(next(tmp_path.glob("multirun/*/*/0/.hydra/config.yaml")).read_text())
+    assert study.trials[0].params == {"loss.weight": cfg["loss"]["weight"], "loss.pos_threshold": cfg["loss"][
+        "pos_threshold"], "loss.temperature": cfg["loss"]["temperature"]}
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3

@@ -12,6 +12,12 @@ Optuna 2): it uses Optuna's ``create_study`` / ``ask`` / ``suggest_*`` / ``tell`
 * A trial whose job raises (out of memory, a non-finite loss, a rejected config) or returns a value
   that is not finite is recorded as FAIL with the error in its user attributes (``error``,
   ``traceback``); the search goes on. So does a batch whose launcher fails outright.
+* ``enqueue``: parameter sets to try first (``study.enqueue_trial``; one already in the study is not tried
+  again), e.g. the preset's own values, so that the study measures the baseline it has to beat.
+* With a launcher that can launch from several threads at once (``concurrent_launches``: the local and
+  SLURM launchers) ``n_jobs`` trials run at a time and a new one is asked for as soon as any ends
+  (asynchronous, as ``study.optimize(n_jobs=...)``); with others (``basic``) trials run in batches of
+  ``n_jobs``, each waiting for its slowest trial.
 * Trials left RUNNING by a search that was interrupted (Ctrl-C, a killed login shell) are run again
   with the same parameters when the command is repeated, so an interrupted study ends with exactly
   ``n_trials`` trials. A RUNNING trial whose sweeper process is still alive on this machine is left
@@ -29,7 +35,9 @@ import math
 import os
 import re
 import socket
+import threading
 import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -65,6 +73,11 @@ class Param:
         if self.kind == "int":
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "categorical":
+            return value in self.choices
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
     def grid(self) -> list[Any]:
         if self.kind == "categorical":
@@ -127,6 +140,11 @@ def _alive_elsewhere(owner: str | None) -> bool:
     return True
 
 
+def _plain(value: Any) -> Any:
+    """A config value as Optuna stores it (an OmegaConf node or a numpy number: its Python value)."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def _override(name: str, value: Any) -> str:
     """``key=value`` for Hydra's override parser (split names like 1_8 would otherwise read as 18)."""
     if isinstance(value, str) and re.fullmatch(r"\d+_\d+", value):
@@ -137,7 +155,8 @@ def _override(name: str, value: Any) -> str:
 class StudySweeper(Sweeper):
     def __init__(self, sampler: Any = None, direction: Any = "minimize", storage: str | None = None,
                  study_name: str | None = None, n_trials: int = 20, n_jobs: int = 1,
-                 params: DictConfig | dict | None = None, **unused: Any) -> None:
+                 params: DictConfig | dict | None = None, enqueue: Sequence[Any] | None = None,
+                 **unused: Any) -> None:
         if unused:
             log.warning("optuna sweeper: ignoring %s", sorted(unused))
         self.sampler = sampler
@@ -147,6 +166,7 @@ class StudySweeper(Sweeper):
         self.n_trials = int(n_trials)
         self.n_jobs = max(1, int(n_jobs))
         self.params = dict(params or {})
+        self.enqueue = [dict(p) for p in (enqueue or [])]
         self.config: DictConfig | None = None
         self.launcher: Any = None
         self.job_idx = 0
@@ -179,6 +199,8 @@ class StudySweeper(Sweeper):
             # A continued study: a sampler with a fixed seed would start its random draws over and ask for the
             # parameters of trial 0 again (the same job, which the run directory then reports as finished).
             study.sampler.reseed_rng()
+        for params in self.enqueue:
+            self._enqueue(study, space, fixed, params)
         finished = sum(t.state in FINISHED for t in trials)
         running = [t for t in trials if t.state == TrialState.RUNNING]
         live = [t for t in running if _alive_elsewhere(t.user_attrs.get(OWNER_ATTR))]
@@ -187,32 +209,88 @@ class StudySweeper(Sweeper):
         log.info("Optuna study %r in %s: %d trials finished, %d interrupted to run again, %d running elsewhere, "
                  "%d new to reach n_trials=%d", study.study_name, self.storage or "memory", finished, len(orphans),
                  len(live), to_ask, n_total)
-
-        while orphans or to_ask > 0:
-            batch: list[tuple[optuna.Trial, dict[str, Any]]] = []  # (running trial, its params)
-            while orphans and len(batch) < self.n_jobs:
-                t = orphans.pop(0)
-                # the RUNNING trial of the interrupted search, taken over with its parameters
-                trial = optuna.Trial(study, t._trial_id)
-                trial.set_user_attr(OWNER_ATTR, _owner())
-                batch.append((trial, dict(t.params)))
-            while to_ask > 0 and len(batch) < self.n_jobs:
-                trial = study.ask()
-                values = {name: p.suggest(trial, name) for name, p in space.items()}
-                trial.set_user_attr(OWNER_ATTR, _owner())
-                batch.append((trial, values))
-                to_ask -= 1
-            overrides = [tuple(_override(k, v) for k, v in {**params, **fixed}.items()) for _, params in batch]
-            try:
-                returns: Sequence[Any] = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            except Exception as exc:  # noqa: BLE001 - e.g. a SLURM job killed outright: fail its batch, go on
-                log.error("launching trials %s failed: %s", [t.number for t, _ in batch], exc)
-                returns = [exc] * len(batch)
-            self.job_idx += len(batch)
-            for (trial, _), ret in zip(batch, returns):
-                self._record(study, trial, ret, len(directions))
+        pending = [*(("orphan", t) for t in orphans), *(("new", None) for _ in range(to_ask))]
+        n_obj = len(directions)
+        if self.n_jobs > 1 and getattr(self.launcher, "concurrent_launches", False):
+            self._run_async(study, space, fixed, pending, n_obj)
+        else:
+            self._run_batches(study, space, fixed, pending, n_obj)
 
         self._save_results(study, fixed)
+
+    @staticmethod
+    def _enqueue(study: optuna.Study, space: dict[str, Param], fixed: dict[str, str], params: dict[str, Any]) -> None:
+        """Enqueue one ``hydra.sweeper.enqueue`` entry: keys the command line fixes are left out; an entry with a
+        value outside the searched space is skipped (with a warning); a key neither searched nor fixed is refused."""
+        unknown = sorted(set(params) - set(space) - set(fixed))
+        if unknown:
+            raise ValueError(f"hydra.sweeper.enqueue: {unknown} not searched (the searched keys: {sorted(space)})")
+        values = {k: _plain(v) for k, v in params.items() if k in space}
+        outside = {k: v for k, v in values.items() if not space[k].contains(v)}
+        if outside:
+            log.warning("hydra.sweeper.enqueue: %s outside the searched space: not tried", outside)
+        elif values:
+            study.enqueue_trial(values, skip_if_exists=True)
+
+    def _take(self, study: optuna.Study, space: dict[str, Param], item: tuple[str, Any]) -> tuple[optuna.Trial, dict]:
+        """The next trial to run: an interrupted one taken over with its parameters, or a new one asked for."""
+        kind, old = item
+        if kind == "orphan":
+            trial, values = optuna.Trial(study, old._trial_id), dict(old.params)
+        else:
+            trial = study.ask()
+            values = {name: p.suggest(trial, name) for name, p in space.items()}
+        trial.set_user_attr(OWNER_ATTR, _owner())
+        return trial, values
+
+    def _launch(self, batch: list[tuple[optuna.Trial, dict[str, Any]]], fixed: dict[str, str],
+                first: int) -> Sequence[Any]:
+        """Launch a batch of trials as jobs ``first``, ``first + 1``, ...; a launcher that fails fails the batch."""
+        overrides = [tuple(_override(k, v) for k, v in {**params, **fixed}.items()) for _, params in batch]
+        try:
+            return self.launcher.launch(overrides, initial_job_idx=first)
+        except Exception as exc:  # noqa: BLE001 - e.g. a SLURM job killed outright: fail its batch, go on
+            log.error("launching trials %s failed: %s", [t.number for t, _ in batch], exc)
+            return [exc] * len(batch)
+
+    def _run_batches(self, study: optuna.Study, space: dict[str, Param], fixed: dict[str, str],
+                     pending: list[tuple[str, Any]], n_obj: int) -> None:
+        while pending:
+            batch = [self._take(study, space, item) for item in pending[:self.n_jobs]]
+            del pending[:self.n_jobs]
+            first, self.job_idx = self.job_idx, self.job_idx + len(batch)
+            for (trial, _), ret in zip(batch, self._launch(batch, fixed, first)):
+                self._record(study, trial, ret, n_obj)
+
+    def _run_async(self, study: optuna.Study, space: dict[str, Param], fixed: dict[str, str],
+                   pending: list[tuple[str, Any]], n_obj: int) -> None:
+        """``n_jobs`` trials at a time, one launch per trial; the next trial is asked for (with every result so far
+        told to the sampler) as soon as a slot frees."""
+        lock = threading.Lock()  # the study (ask / tell) and the job numbers, from the main and worker threads
+
+        def launch(batch: list[tuple[optuna.Trial, dict[str, Any]]], first: int) -> None:
+            (ret,) = self._launch(batch, fixed, first)
+            with lock:
+                self._record(study, batch[0][0], ret, n_obj)
+
+        running: set[Future] = set()
+        with ThreadPoolExecutor(max_workers=self.n_jobs) as pool:
+            try:
+                while pending:
+                    if len(running) >= self.n_jobs:
+                        done, running = wait(running, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            future.result()
+                    with lock:
+                        batch = [self._take(study, space, pending.pop(0))]
+                        first, self.job_idx = self.job_idx, self.job_idx + 1
+                    running.add(pool.submit(launch, batch, first))
+                for future in wait(running).done:
+                    future.result()
+            except BaseException:
+                for future in running:
+                    future.cancel()
+                raise
 
     def _record(self, study: optuna.Study, trial: optuna.Trial, ret: Any, n_objectives: int) -> None:
         try:

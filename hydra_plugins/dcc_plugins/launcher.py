@@ -16,6 +16,8 @@ from dcc.sweeps.launcher import (gpu_pool, job_state, launch_pooled, max_paralle
 
 
 class SlurmLauncher(_SubmititSlurm):
+    concurrent_launches = True  # the Optuna sweeper may launch one trial per thread (each its own SLURM job)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         requeue_on_sigterm()
         return super().__call__(*args, **kwargs)
@@ -26,6 +28,12 @@ class LocalLauncher(_SubmititLocal):
         self.max_parallel = max_parallel(params)
         self.gpu_pool = gpu_pool(params)
         super().__init__(**params)
+
+    @property
+    def concurrent_launches(self) -> bool:
+        """Whether the Optuna sweeper may launch one trial per thread: not with ``visible_gpus`` (GPUs are handed
+        out by job number, which asynchronous trials would give to a busy GPU)."""
+        return not self.gpu_pool
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
         return launch_pooled(super().launch, job_overrides, initial_job_idx, self.max_parallel)

@@ -21,6 +21,8 @@ class OptunaStudySweeperConf:
     n_trials: int = 20  # trials of the whole study (a repeated command continues it up to this number)
     n_jobs: int = 1  # trials launched at a time
     params: Optional[Dict[str, str]] = None  # key: Hydra sweep, e.g. loss.weight: tag(log, interval(0.01, 1))
+    # parameter sets tried first (skipped when already in the study), e.g. [{loss.weight: 0.1, ...}]
+    enqueue: Optional[List[Dict[str, Any]]] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="dcc_optuna", node=OptunaStudySweeperConf, provider="dcc")
