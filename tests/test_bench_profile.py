@@ -63,4 +63,8 @@ def test_the_optuna_bench_runs_two_trials_at_a_time_and_starts(tmp_path):
                           cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "optuna.db").exists()
+    import optuna
+
+    (name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert name.endswith("-ablation_viii-1500steps")  # the budget names the study: no mixing with other budgets
+    assert "hydra.sweeper.n_trials=7" in argv and "hydra.sweeper.sampler.n_startup_trials=4" in argv

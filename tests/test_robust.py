@@ -115,6 +115,21 @@ def test_restart_moves_the_previous_run_aside_and_says_where(tiny_overrides, tmp
     assert len(runs) == 2  # a new MLflow run; the old one is kept
 
 
+def test_a_second_job_on_a_run_directory_in_training_fails_naming_the_holder(tiny_overrides, tmp_path):
+    from dcc.engine import resume
+
+    cfg = compose_cfg(tiny_overrides + ["trainer.max_steps=2"])
+    run_dir = run_dir_for(cfg, tmp_path)
+    with resume.hold(run_dir):  # as the job that trains it (a separate open file: flock conflicts in-process too)
+        with pytest.raises(PreflightError, match=f"{run_dir} is being trained by process {os.getpid()} on "):
+            run(cfg, launch_dir=tmp_path)
+        assert not run_dir.exists()  # nothing written by the refused job
+        exp = MlflowClient(tracking_uri=cfg.logger.tracking_uri).get_experiment_by_name("digits")
+        assert exp is None or _runs(cfg)[1] == []
+    assert run(compose_cfg(tiny_overrides + ["trainer.max_steps=2"]), launch_dir=tmp_path) >= 0  # released: it trains
+    assert (run_dir / "result.json").exists()
+
+
 def test_resume_true_without_checkpoint_says_so(tiny_overrides, tmp_path, capsys):
     cfg = compose_cfg(tiny_overrides + ["trainer.max_steps=3", "trainer.resume=true", "logger=none"])
     run(cfg, launch_dir=tmp_path)

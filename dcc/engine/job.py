@@ -6,6 +6,7 @@ Training: every check first (dcc/engine/preflight.py, then the data), then what 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -178,12 +179,26 @@ def _log_checkpoint(cfg: DictConfig, tracker: Any, run_dir: Path, model: torch.n
 
 def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
     from dcc.data.build import build_data
+
+    data = build_data(cfg)  # fails on missing/unreadable data before a run directory or an MLflow run exists
+    run_dir = run_dir_for(cfg, launch_dir)
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if ddp.is_main():
+            try:
+                stack.enter_context(resume.hold(run_dir))  # one process at a time trains this run directory
+            except resume.RunDirBusy as exc:
+                busy = str(exc)
+        if ddp.any_rank(busy is not None, device):
+            raise preflight.PreflightError(busy or f"{run_dir} is being trained by another process (see rank 0)")
+        return _train_in(cfg, launch_dir, device, data, run_dir)
+
+
+def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any, run_dir: Path) -> float:
     from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
     from dcc.method.selftrain import self_train
     from dcc.engine.trainer import fit
 
-    data = build_data(cfg)  # fails on missing/unreadable data before a run directory or an MLflow run exists
-    run_dir = run_dir_for(cfg, launch_dir)
     decision = resume.decide(run_dir, resume.resume_mode(cfg))
     ddp.barrier()  # every rank has looked before rank 0 moves anything
     if ddp.is_main():

@@ -8,17 +8,26 @@
   ``<dir>.replaced-<time>`` (never deleted; the message says where) and the run starts from step 0.
 
 A requeued SLURM job always continues (``restart`` applies to the first start only).
+
+One process at a time trains a run directory: :func:`hold` locks ``.<run dir name>.lock`` beside it, and a
+second job of the same config (the same run directory: a sweep started twice, an Optuna trial that repeats a
+running job) fails at start naming the process that holds it, instead of writing the same checkpoints.
+The lock goes with the process (``flock``): a killed or preempted job leaves nothing to clean up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shlex
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dcc.engine import checkpoint as ckpt
 from dcc.engine.preemption import requeued
@@ -121,3 +130,32 @@ def continue_command(argv: list[str] | None = None) -> str:
     keep = [a for a in argv[1:] if not (a.startswith("trainer.resume=")
                                         and a.split("=", 1)[1].lower() in ("restart", "false"))]
     return shlex.join(["python", argv[0], *keep])
+
+
+class RunDirBusy(Exception):
+    """Another live process trains this run directory."""
+
+
+def lock_path(run_dir: Path) -> Path:
+    return run_dir.with_name(f".{run_dir.name}.lock")
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the ``with`` block; :class:`RunDirBusy` when another process holds it."""
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RunDirBusy(f"{run_dir} is being trained by {owner}; a second job of the same config would "
+                             "write the same checkpoints: wait for it to end (it continues or finishes the run), or "
+                             "change the config (e.g. trainer.seed, trainer.runs_root)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
