@@ -186,3 +186,14 @@ def test_a_pool_of_two_runs_three_jobs_never_more_than_two_at_once(tiny_override
     # at most two at a time: the third started only after one of the first two had ended
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)
     assert spans[2][0] >= min(spans[0][1], spans[1][1])
+
+
+@pytest.mark.parametrize("bad, culprit", [
+    (["hydra/launcher=local", "hydra.launcher.max_parallel=0"], "hydra.launcher.max_parallel=0"),
+    (["logger.tracking_uri=http://127.0.0.1:9"], "logger.tracking_uri=http://127.0.0.1:9"),
+])
+def test_a_sweep_with_a_bad_launcher_or_store_stops_at_start_in_one_line_writing_nothing(tmp_path, bad, culprit):
+    proc = run_py(["-m", "loss=suponly,st", "trainer.max_steps=1", *bad], tmp_path, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {culprit}"), proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no sweep directory, no MLflow store, no run

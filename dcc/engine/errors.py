@@ -61,3 +61,12 @@ def one_message(fn: Callable[..., Any], *args: Any) -> Any:
             raise JobError(message) from exc
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def stop_sweep(message: str) -> None:
+    """End a sweep at its start with one message (``error: ...``, exit status 1). For Hydra callbacks, whose
+    exceptions Hydra turns into warnings and goes on: ``SystemExit`` is not an ``Exception``, so it ends the sweep."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise JobError(message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)

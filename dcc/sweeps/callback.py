@@ -81,11 +81,19 @@ class MLflowSweepParent(Callback):
 
     # ----------------------------------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from dcc.engine.errors import stop_sweep
+        from dcc.sweeps.launcher import max_parallel
+
+        try:  # the launcher's own keys, checked before anything is written (Hydra builds the launcher later)
+            gpus = _get(config, "hydra.launcher.visible_gpus")
+            max_parallel({"max_parallel": _get(config, "hydra.launcher.max_parallel"),
+                          "visible_gpus": list(gpus) if gpus is not None else None})
+        except ValueError as exc:
+            stop_sweep(str(exc))
         self._previous_keys = os.environ.get(SWEPT_KEYS_ENV)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))  # the jobs name their runs after these values
         if str(_get(config, "logger.name", "mlflow")) == "none":
             return
-        from dcc.engine.errors import JobError
         from dcc.engine.preflight import PreflightError, check_tracking
 
         cwd = Path(_get(config, "hydra.runtime.cwd", os.getcwd()))
@@ -93,7 +101,7 @@ class MLflowSweepParent(Callback):
         try:  # an unreachable store fails the sweep at once, in one message (not every job after minutes of retries)
             check_tracking(uri, "logger.tracking_uri" if _get(config, "logger.tracking_uri") else "MLflow store")
         except PreflightError as exc:
-            raise JobError(str(exc)) from exc
+            stop_sweep(str(exc))
         try:
             self._start(config)
         except Exception as exc:  # noqa: BLE001 - never stop a sweep for its grouping
