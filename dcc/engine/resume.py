@@ -48,6 +48,32 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in (run_dir / "last.pt", run_dir / "teacher" / "last.pt") if p.exists()]
 
 
+def restart_command(argv: list[str] | None = None) -> str:
+    """The command that starts this run over: the same command with ``trainer.resume=restart``."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not argv[0].endswith("run.py"):
+        return "the same command with trainer.resume=restart"
+    keep = [a for a in argv[1:] if not a.startswith("trainer.resume=")]
+    return shlex.join(["python", argv[0], *keep, "trainer.resume=restart"])
+
+
+def damaged(path: Path, exc: BaseException) -> ckpt.CheckpointError:
+    """The one-line error for a checkpoint that cannot be read, saying what to do about it."""
+    run_dir = path.parent if path.parent.name != "teacher" else path.parent.parent
+    reason = str(exc).removeprefix(f"cannot read checkpoint {path}: ").splitlines()[0][:160]
+    return ckpt.CheckpointError(
+        f"the checkpoint {path} is damaged and cannot be read ({reason}); to start this run over, keeping the "
+        f"damaged run as {run_dir.name}.replaced-<time> beside it: {restart_command()}")
+
+
+def _peek_step(path: Path) -> int | None:
+    """The checkpoint's step, or None when the file cannot be read."""
+    try:
+        return ckpt.peek(path)["step"]
+    except Exception:  # noqa: BLE001 - a damaged file: the caller says so
+        return None
+
+
 @dataclass
 class Decision:
     action: str  # fresh | resume | finished | restart
@@ -76,8 +102,8 @@ def decide(run_dir: Path, mode: str) -> Decision:
     """Look at ``run_dir`` (read only) and say what to do; :func:`apply` acts on a ``restart``."""
     result = read_result(run_dir)
     found = _checkpoints(run_dir)
-    if mode == "restart":
-        if result is None and not found:
+    if mode == "restart":  # whatever the directory holds (even unreadable files), it is moved aside whole
+        if result is None and not found and not (run_dir.is_dir() and any(run_dir.iterdir())):
             return Decision("fresh")
         return Decision("restart")
     if result is not None:
@@ -90,7 +116,10 @@ def decide(run_dir: Path, mode: str) -> Decision:
                      "(trainer.resume=restart trains it from scratch)"),
         )
     if found:
-        step = ckpt.peek(found[0])["step"]
+        try:
+            step = ckpt.peek(found[0])["step"]
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt: say how to start over
+            raise damaged(found[0], exc) from exc
         where = "" if found[0].parent == run_dir else " (self-training teacher)"
         return Decision("resume", step=step, message=f"resuming {run_dir} from step {step}{where}")
     if mode == "true":
@@ -115,7 +144,11 @@ def apply(run_dir: Path, decision: Decision) -> Decision:
     if decision.action != "restart":
         return decision
     found = _checkpoints(run_dir)
-    what = f"checkpoint at step {ckpt.peek(found[0])['step']}" if found else "finished run"
+    step = _peek_step(found[0]) if found else None
+    if not found:
+        what = "finished run" if read_result(run_dir) is not None else "run"
+    else:
+        what = f"checkpoint at step {step}" if step is not None else f"damaged checkpoint {found[0].name}"
     target = set_aside(run_dir)
     decision.message = (f"trainer.resume=restart: moved the previous run ({what}) to {target}; "
                         f"starting {run_dir} from step 0 (delete {target.name} when you no longer need it)")

@@ -37,7 +37,7 @@ from dcc.method.losses import cross_entropy
 from dcc.method.models import Segmentor, build_model
 from dcc.engine.optim import build_optimizer, poly_scheduler
 from dcc.engine.preemption import PreemptionGuard
-from dcc.engine.resume import continue_command, resume_mode
+from dcc.engine.resume import continue_command, damaged, resume_mode
 from dcc.engine.tracking import logging_off
 from dcc.engine.visualize import dataset_palette, save_prediction_grid
 
@@ -180,7 +180,10 @@ class Trainer:
                 log.warning("trainer.resume=restart: moved %s to %s", last, aside)
         ddp.barrier()
         if mode != "restart" and last.exists():
-            state = ckpt.load(last)
+            try:
+                state = ckpt.load(last)
+            except ckpt.CheckpointError as exc:
+                raise damaged(last, exc) from exc
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
