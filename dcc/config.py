@@ -350,6 +350,16 @@ def _folder_classes(root: Optional[str], what: str) -> Any:
 OmegaConf.register_new_resolver("dcc_folder_classes", _folder_classes, replace=True)
 
 
+def _folder_experiment(root: Optional[str]) -> str:
+    from dcc.data.folder import experiment_name
+
+    return experiment_name(root)
+
+
+# conf/dataset/folder.yaml: logger.experiment = ${dcc_folder_experiment:${dataset.root}} (folder-<root's name>).
+OmegaConf.register_new_resolver("dcc_folder_experiment", _folder_experiment, replace=True)
+
+
 class ConfigError(ValueError):
     """A combination of options that means nothing; raised before any data is loaded."""
 

@@ -143,7 +143,7 @@ def test_two_training_steps_log_per_class_iou_under_the_class_names(folder_root,
     miou = run(_cfg(folder_root, *overrides), launch_dir=tmp_path)
     assert 0.0 <= miou <= 1.0
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    (r,) = client.search_runs([client.get_experiment_by_name("folder").experiment_id])
+    (r,) = client.search_runs([client.get_experiment_by_name("folder-mydata").experiment_id])
     assert r.info.status == "FINISHED" and r.data.params["dataset/num_classes"] == "4"
     logged = {k for k in r.data.metrics if k.startswith("val/iou/")}
     assert logged and logged <= {f"val/iou/{c}" for c in FOLDER_CLASSES}

@@ -45,3 +45,44 @@ def test_restart_works_on_a_damaged_checkpoint_and_keeps_it(tiny_overrides, tmp_
     assert f"moved the previous run (damaged checkpoint last.pt) to {aside}" in out
     assert (aside / "last.pt").read_bytes() == damaged_bytes  # kept as it was
     assert checkpoint.load(last)["finished"]
+
+
+# ------------------------------------------------------------- another folder dataset is another run (item 1)
+def _folder_cfg(root, tmp_path, *extra):
+    from tests.realdata import TINY_REAL
+
+    overrides = [o for o in TINY_REAL if not o.startswith("logger")] + [
+        f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"trainer.runs_root={tmp_path / 'runs'}",
+        "split='1_4'"]
+    return compose_cfg(["dataset=folder", f"dataset.root={root}", *overrides, *extra])
+
+
+def test_the_folder_data_keys_the_run_directory_and_names_the_experiment(tmp_path):
+    from tests.realdata import make_folder
+
+    a, b = make_folder(tmp_path / "set_a"), make_folder(tmp_path / "set_b")
+    dir_a, dir_b = (run_dir_for(_folder_cfg(r, tmp_path), tmp_path) for r in (a, b))
+    assert dir_a != dir_b  # identical files, another root: another dataset
+    assert dir_a.parent.name == "folder-set_a" and dir_b.parent.name == "folder-set_b"
+    assert _folder_cfg(a, tmp_path).logger.experiment == "folder-set_a"
+    assert run_dir_for(_folder_cfg(a, tmp_path), tmp_path) == dir_a  # the same data: the same run (it resumes)
+    (b / "images/train/extra.png").write_bytes((b / "images/val").iterdir().__next__().read_bytes())
+    assert run_dir_for(_folder_cfg(b, tmp_path), tmp_path) != dir_b  # an image added: not the same data
+    assert _folder_cfg(a, tmp_path, "logger.experiment=mine").logger.experiment == "mine"  # the user's name wins
+
+
+@pytest.mark.slow
+def test_a_finished_run_on_one_folder_is_not_reported_for_another(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from tests.realdata import make_folder
+
+    a, b = make_folder(tmp_path / "set_a"), make_folder(tmp_path / "set_b")
+    run(_folder_cfg(a, tmp_path), launch_dir=tmp_path)
+    capsys.readouterr()
+    run(_folder_cfg(b, tmp_path), launch_dir=tmp_path)
+    out = capsys.readouterr().out
+    assert "already finished" not in out and "final val mIoU" in out
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("folder-set_a", "folder-set_b"):
+        assert len(client.search_runs([client.get_experiment_by_name(name).experiment_id])) == 1

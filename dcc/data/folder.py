@@ -15,6 +15,8 @@ and training refuses to start (it would silently turn a labeled image into an un
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -156,3 +158,30 @@ def load_folder(root: str | Path | None, *, num_classes: int, ignore_index: int 
         source.layout_problems = problems
         sources.append(source)
     return sources[0], sources[1]
+
+
+def experiment_name(root: str | Path | None) -> str:
+    """``folder-<name of the root directory>``: the default MLflow experiment of a folder dataset, so that two
+    datasets' runs are not mixed in one experiment (and one run directory tree)."""
+    if root in (None, "", "None"):
+        return "folder"
+    name = Path(str(root)).expanduser().resolve().name
+    return "folder-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "root")
+
+
+def fingerprint(root: str | Path) -> str:
+    """The identity of a folder dataset: its resolved root, ``classes.txt`` and every file of ``images/*`` and
+    ``masks/*`` by name and size (a stat per file, no reads). Part of the run directory's hash: the same command
+    with another root (or files added, removed or replaced) is another run, never the first one's result."""
+    base = Path(str(root)).expanduser().resolve()
+    digest = hashlib.sha256(str(base).encode())
+    classes = base / "classes.txt"
+    digest.update(classes.read_bytes() if classes.is_file() else b"")
+    for kind in ("images", "masks"):
+        top = base / kind
+        for folder in sorted(p for p in top.iterdir() if p.is_dir()) if top.is_dir() else []:
+            with os.scandir(folder) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    if entry.is_file():
+                        digest.update(f"{kind}/{folder.name}/{entry.name}:{entry.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]

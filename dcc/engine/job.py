@@ -85,12 +85,28 @@ def run_name(cfg: DictConfig) -> str:
 def run_dir_for(cfg: DictConfig, launch_dir: Path) -> Path:
     """``<runs_root>/<experiment>/<preset>-<split>-s<seed>-<hash of the config without the result-neutral keys>``.
 
-    The keys of :data:`dcc.config.RESULT_NEUTRAL_KEYS` (logging, workers, devices, ...) are left out of the hash."""
+    The keys of :data:`dcc.config.RESULT_NEUTRAL_KEYS` (logging, workers, devices, ...) are left out of the hash.
+    ``dataset.root`` is one of them (VOC mounted elsewhere is the same data), except where the root *is* the
+    data: for ``dataset=folder`` the hash takes the data's identity (:func:`dcc.data.folder.fingerprint`)."""
     flat = {k: v for k, v in flatten(plain_config(cfg)).items() if not result_neutral(k)}
+    identity = data_identity(cfg)
+    if identity is not None:
+        flat["dataset/identity"] = identity
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
     root = Path(cfg.trainer.runs_root)
     root = root if root.is_absolute() else launch_dir / root
     return root / str(cfg.logger.experiment) / f"{_dir_stem(cfg)}-{digest}"
+
+
+def data_identity(cfg: DictConfig) -> str | None:
+    """What identifies the data beyond the hashed config: a folder dataset's fingerprint (root and file lists);
+    None where the config says it all (the embedded scenes: their parameters; VOC/Cityscapes: the same data
+    wherever they are mounted)."""
+    if str(cfg.dataset.name) != "folder" or cfg.dataset.root in (None, ""):
+        return None
+    from dcc.data.folder import fingerprint
+
+    return fingerprint(cfg.dataset.root)
 
 
 def summary(cfg: DictConfig) -> str:
