@@ -7,7 +7,7 @@ import pytest
 
 from dcc.engine import checkpoint
 from dcc.engine.job import run, run_dir_for
-from tests.conftest import compose_cfg
+from tests.conftest import ROOT, TINY, compose_cfg
 from tests.test_robust import _die_at_step_5, _Killed
 
 
@@ -86,3 +86,23 @@ def test_a_finished_run_on_one_folder_is_not_reported_for_another(tmp_path, caps
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for name in ("folder-set_a", "folder-set_b"):
         assert len(client.search_runs([client.get_experiment_by_name(name).experiment_id])) == 1
+
+
+# --------------------------------------------- every backbone option trains on the default preset (item 3)
+BACKBONES = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_option_trains_on_the_default_preset_with_its_digit_pretraining(backbone, tmp_path, capsys):
+    """The run a user starts with ``python run.py backbone=<option>``: the digits preset, whose backbone is first
+    pretrained on digit classification (a few steps here), then loaded into the segmentation model."""
+    over = [o for o in TINY if not o.startswith(("backbone=", "dataset.scenes.pretrain.steps"))] + [
+        f"backbone={backbone}", "dataset.scenes.pretrain.steps=2", "dataset.scenes.pretrain.num_images=16",
+        "trainer.max_steps=2", "trainer.eval_every=2", "trainer.checkpoint_every=2",
+        f"dataset.root={tmp_path / 'data'}", f"trainer.runs_root={tmp_path / 'runs'}", "logger=none"]
+    miou = run(compose_cfg(over), launch_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert 0.0 <= miou <= 1.0
+    assert "pretrained backbone: held-out digit accuracy" in err
+    assert list((tmp_path / "data" / "digits").glob("pretrained_backbone_*.pt"))

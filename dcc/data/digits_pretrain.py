@@ -65,19 +65,31 @@ def _render(rng: np.random.Generator, pool: np.ndarray, count: int, p: dict[str,
     return (x - mean) / std, torch.from_numpy(load_mnist()[1][ids])
 
 
-def pretrain(p: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train the classifier; returns (backbone state dict without the head, {"accuracy", "seconds"})."""
+def _classifier(name: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module:
+    """timm model ``name`` with a 10-way head. Models with a fixed input size (ViTs: 224 px) are asked for a
+    dynamic one, as the segmentation backbone builds them, and to pad images to whole patches (DINOv2's 14-px
+    patches do not divide 48 px), so that they take the pretraining's small images and their weights (position
+    embeddings included) load into that backbone unchanged."""
     import timm
 
+    torch.manual_seed(seed)
+    try:
+        return timm.create_model(name, num_classes=10, **({"dynamic_img_size": True, "dynamic_img_pad": True} | kwargs))
+    except TypeError:  # a model without the option (CNNs): their input size is free anyway
+        torch.manual_seed(seed)
+        return timm.create_model(name, num_classes=10, **kwargs)
+
+
+def pretrain(p: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train the classifier; returns (backbone state dict without the head, {"accuracy", "seconds"})."""
     start = time.perf_counter()
     pool = digit_pools(p["seed"])["pretrain"]
     train_seq, test_seq, init_seq = np.random.SeedSequence([p["seed"], 0x7072]).spawn(3)
     x, y = _render(np.random.default_rng(train_seq), pool[_HOLDOUT:], p["num_images"], p)
-    xt, yt = _render(np.random.default_rng(test_seq), pool[:_HOLDOUT], _TEST_IMAGES, p)
+    xt, yt = _render(np.random.default_rng(test_seq), pool[:_HOLDOUT], min(_TEST_IMAGES, p["num_images"]), p)  # tiny test budgets: as many as trained on
     gen = torch.Generator().manual_seed(int(init_seq.generate_state(1)[0]))
     with torch.random.fork_rng():
-        torch.manual_seed(int(init_seq.generate_state(2)[1]))
-        model = timm.create_model(p["backbone"], num_classes=10, **p["kwargs"])
+        model = _classifier(p["backbone"], p["kwargs"], int(init_seq.generate_state(2)[1]))
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=max(p["steps"], 1))
     model.train()
