@@ -89,10 +89,12 @@ class Record:
         return self.seed, self.split_seed or ""
 
 
-def replicate_label(rep: tuple[str, str]) -> str:
-    """``1`` (training seed 1; labeled subset drawn with the same seed or fixed), ``1/7`` (split seed 7)."""
+def replicate_label(rep: tuple[str, str], split_seeds: Sequence[str] = ()) -> str:
+    """``1`` (training seed 1, its labeled subset drawn with the same seed, or the one ``split.seed`` of every run
+    in ``split_seeds``), ``1/7`` (training seed 1, split seed 7)."""
     seed, split_seed = rep
-    return seed if not split_seed or split_seed == seed else f"{seed}/{split_seed}"
+    fixed = len(split_seeds) == 1 and split_seed == split_seeds[0]
+    return seed if not split_seed or split_seed == seed or fixed else f"{seed}/{split_seed}"
 
 
 @dataclass
@@ -201,6 +203,9 @@ class Report:
     comparisons: list[Comparison] = field(default_factory=list)
     subset: str = "unknown"  # the labeled subset across replicates: fixed, varies, mixed, unknown
     split_seeds: list[str] = field(default_factory=list)  # the split/seed values of the runs
+
+    def rep_label(self, rep: tuple[str, str]) -> str:
+        return replicate_label(rep, self.split_seeds)
 
     def row_label(self, row: str) -> str:
         sw = self.switches.get(row)

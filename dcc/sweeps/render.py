@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from dcc.sweeps.aggregate import CONFIDENCE, Cell, Comparison, Report, replicate_label
+from dcc.sweeps.aggregate import CONFIDENCE, Cell, Comparison, Report
 
 NOT_SEPARABLE_N1 = "n=1: no interval; differences not separable"
 DASH = "–"
@@ -73,7 +73,9 @@ def _compact(c: Cell, show_n: bool) -> str:
 
 
 def _col_values(report: Report, col: tuple[tuple[str, str], ...]) -> list[str]:
-    return [short(v) for _, v in col] if len(report.cols) > 1 else []
+    if len(report.cols) < 2:
+        return []
+    return [v.replace("_", "/") if k in ("split", "split/name") else short(v) for k, v in col]
 
 
 def _col_header(report: Report) -> list[str]:
@@ -113,8 +115,8 @@ def cells_markdown(report: Report, layout: str = "auto") -> str:
     return _md_table(header, body)
 
 
-def _per_replicate(c: Comparison) -> str:
-    return ", ".join(f"{replicate_label(r)}: {d:+.1f}" for r, d in zip(c.replicates, c.diffs)) or DASH
+def _per_replicate(report: Report, c: Comparison) -> str:
+    return ", ".join(f"{report.rep_label(r)}: {d:+.1f}" for r, d in zip(c.replicates, c.diffs)) or DASH
 
 
 def paired_markdown(report: Report) -> str:
@@ -123,7 +125,7 @@ def paired_markdown(report: Report) -> str:
     body = []
     for c in report.comparisons:
         paired = str(c.n) + (f" ({c.unpaired} unpaired)" if c.unpaired else "")
-        body.append([c.row, *_col_values(report, c.col), paired, _per_replicate(c),
+        body.append([c.row, *_col_values(report, c.col), paired, _per_replicate(report, c),
                      DASH if c.mean is None else f"{c.mean:+.1f}", _ci(c.ci, signed=True),
                      f"{c.same_sign}/{c.n}" if c.n else DASH, c.verdict])
     return _md_table(header, body)
@@ -141,6 +143,10 @@ def replicates_sentence(report: Report) -> str:
     if report.subset == "mixed":
         return ("The labeled subset varies between the replicates of some cells only (`split.seed`: "
                 f"{seeds or 'not logged'}); arms are paired on (`trainer.seed`, `split.seed`).")
+    reps = {r for c in report.cells for r in c.replicates}
+    if len(reps) == 1:
+        (seed, split_seed), = reps
+        return f"One replicate: `trainer.seed` {seed}" + (f", `split.seed` {split_seed}." if split_seed else ".")
     return "Replicates are (`trainer.seed`, `split.seed`) pairs."
 
 
@@ -191,11 +197,11 @@ def to_csv(report: Report) -> str:
         if cmp is not None:
             dci = cmp.ci
             paired = [cmp.baseline, cmp.n, cmp.unpaired,
-                      " ".join(f"{replicate_label(r)}:{d:.3f}" for r, d in zip(cmp.replicates, cmp.diffs)),
+                      " ".join(f"{report.rep_label(r)}:{d:.3f}" for r, d in zip(cmp.replicates, cmp.diffs)),
                       _num(cmp.mean), _num(cmp.std), _num(dci and dci[0]), _num(dci and dci[1]), cmp.same_sign,
                       cmp.verdict]
         w.writerow([c.row, col_label(c.col, report.by), *[v for _, v in c.col], report.split, c.steps, c.n,
-                    " ".join(c.seeds), " ".join(f"{v:.3f}" for v in c.values), _num(c.mean), _num(c.std),
+                    " ".join(report.rep_label(r) for r in c.replicates), " ".join(f"{v:.3f}" for v in c.values), _num(c.mean), _num(c.std),
                     _num(ci and ci[0]), _num(ci and ci[1]), "" if c.paper is None else c.paper, _num(c.delta),
                     *paired])
     return buf.getvalue()
@@ -214,7 +220,7 @@ def plot(report: Report, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -244,11 +250,12 @@ def chart(report: Report) -> Any:
     fig, axes = plt.subplots(2 if paired else 1, 1, figsize=(width_in, 9.0 if paired else 5.0), layout="constrained",
                              squeeze=False)
     ax = axes[0][0]
-    if numeric is not None and len(report.cols) > 1:
-        for row in report.rows:
+    grid = numeric is not None and len(report.cols) > 1
+    if grid:
+        for i, row in enumerate(report.rows):
             pts = [(x, report.cell(row, col)) for x, col in zip(numeric, report.cols)]
             pts = [(x, c) for x, c in pts if c is not None]
-            line, = ax.plot([x for x, _ in pts], [c.mean for _, c in pts], marker="o",
+            line, = ax.plot([x for x, _ in pts], [c.mean for _, c in pts], marker="o", color=f"C{i}",
                             label=report.row_label(row).replace("\n", ": "))
             spread = [(x, c.mean, c.ci) for x, c in pts if c.ci is not None]  # no interval for one replicate
             if spread:
@@ -272,7 +279,8 @@ def chart(report: Report) -> Any:
                     spread.append((x, c.mean, c.ci))
                 if c.paper is not None:
                     papers.append((x, c.paper))
-            ax.bar(xs, ys, width=width * 0.9, label=col_label(col, report.by) if len(report.cols) > 1 else None)
+            ax.bar(xs, ys, width=width * 0.9, color=f"C{j}",
+                   label=col_label(col, report.by) if len(report.cols) > 1 else None)
             if spread:
                 ax.errorbar([x for x, _, _ in spread], [m for _, m, _ in spread], yerr=_yerr(spread), fmt="none",
                             capsize=3, color="black", linewidth=0.9,
@@ -287,7 +295,7 @@ def chart(report: Report) -> Any:
     ax.set_title(_wrap(title), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     if paired:
-        _paired_axis(axes[1][0], report)
+        (_paired_grid_axis(axes[1][0], report, numeric) if grid else _paired_axis(axes[1][0], report))
     handles, labels = [], []
     for a in axes[:, 0]:
         h, lab = a.get_legend_handles_labels()
@@ -296,8 +304,42 @@ def chart(report: Report) -> Any:
                 handles.append(hh)
                 labels.append(ll)
     if handles:  # below every plot: a legend inside the axes covered bars
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+        per_row = max(1, int(width_in * 11 / (max(len(lab) for lab in labels) + 6)))  # ~11 characters an inch
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(per_row, len(handles)), fontsize=8,
+                   frameon=False)
     return fig
+
+
+def _paired_title(ax: Any, report: Report) -> None:
+    title = report.heading(f"paired differences vs {report.baseline}, {CONFIDENCE:.0%} intervals",
+                           report.paired_n_label)
+    if any(c.n == 1 for c in report.comparisons):
+        title += f" ({NOT_SEPARABLE_N1})"
+    ax.set_title(_wrap(title), fontsize=9)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel(f"paired difference vs {report.baseline} (points)")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _paired_grid_axis(ax: Any, report: Report, numeric: Sequence[float]) -> None:
+    """A grid's paired differences over the swept value: a line per arm, its replicates as dots."""
+    for i, row in enumerate(report.rows):
+        pts = [(x, report.comparison(row, col)) for x, col in zip(numeric, report.cols)]
+        pts = [(x, c) for x, c in pts if c is not None and c.n]
+        if not pts:
+            continue
+        color = f"C{i}"  # the arm's colour in the lines above
+        ax.plot([x for x, _ in pts], [c.mean for _, c in pts], marker="D", color=color)
+        ax.scatter([x for x, c in pts for _ in c.diffs], [d for _, c in pts for d in c.diffs], s=12, alpha=0.5,
+                   color=color)
+        spread = [(x, c.mean, c.ci) for x, c in pts if c.ci is not None]
+        if spread:
+            ax.errorbar([x for x, _, _ in spread], [m for _, m, _ in spread], yerr=_yerr(spread), fmt="none",
+                        capsize=3, color=color)
+    if min(numeric) > 0 and max(numeric) / min(numeric) >= 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(report.by[0])
+    _paired_title(ax, report)
 
 
 def _paired_axis(ax: Any, report: Report) -> None:
@@ -316,24 +358,18 @@ def _paired_axis(ax: Any, report: Report) -> None:
                 spread.append((x, c.mean, c.ci))
         if not xs:
             continue
-        label = col_label(col, report.by) if len(report.cols) > 1 else "mean difference"
-        mark = ax.scatter([x for x, _ in xs], [m for _, m in xs], marker="D", s=30, zorder=3,
-                          label=f"{label} (mean)" if len(report.cols) > 1 else label)
-        ax.scatter([x for x, _ in dots], [d for _, d in dots], s=12, alpha=0.5, color=mark.get_facecolor()[0],
+        color = f"C{j}"  # the column's colour in the bars above
+        ax.scatter([x for x, _ in xs], [m for _, m in xs], marker="D", s=30, zorder=3, color=color,
+                   label="mean difference" if j == 0 else None)
+        ax.scatter([x for x, _ in dots], [d for _, d in dots], s=12, alpha=0.5, color=color,
                    label="per replicate" if j == 0 else None)
         if spread:
             ax.errorbar([x for x, _, _ in spread], [m for _, m, _ in spread], yerr=_yerr(spread), fmt="none",
-                        capsize=4, color=mark.get_facecolor()[0])
-    ax.axhline(0.0, color="black", linewidth=0.8)
+                        capsize=4, color=color)
+    ax.set_xlim(-0.6, len(arms) - 0.4)
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels([report.row_label(r) for r in arms], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"paired difference vs {report.baseline} (points)")
-    title = report.heading(f"paired differences vs {report.baseline}, {CONFIDENCE:.0%} intervals",
-                           report.paired_n_label)
-    if any(c.n == 1 for c in report.comparisons):
-        title += f" ({NOT_SEPARABLE_N1})"
-    ax.set_title(_wrap(title), fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
+    _paired_title(ax, report)
 
 
 def _metric_name(report: Report, c: Cell | Comparison) -> str:
