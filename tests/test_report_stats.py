@@ -221,3 +221,21 @@ def test_summary_metrics_carry_the_interval_and_the_paired_difference(store):
     assert m["test/diff_vs_suponly/ablation_viii"] == pytest.approx(0.035)
     assert m["test/diff_same_sign/ablation_viii"] == 3
     assert m["mean_final_miou/suponly"] == pytest.approx(0.31) and m["finished_runs"] == 12
+
+
+def test_the_sweeps_parent_run_gets_the_statistics_as_metrics_and_tags(store, tmp_path):
+    from dcc.sweeps.callback import MLflowSweepParent
+
+    uri, client, exp = store
+    parent = _sweep(client, exp, "parent")
+    cb = MLflowSweepParent()
+    cb.client, cb.run_id, cb.sweep_dir = client, parent, tmp_path / "multirun"
+    cb._summarise()
+    run = client.get_run(parent)
+    assert run.data.metrics["test/diff_vs_suponly/ablation_viii"] == pytest.approx(0.035)
+    assert run.data.metrics["test/ci95_high/suponly"] == pytest.approx(_ci(51.0, 1.0, 3, T2)[1] / 100, abs=1e-7)
+    tags = run.data.tags
+    assert (tags["dcc.report_split"], tags["dcc.report_steps"], tags["dcc.report_baseline"]) == (
+        "test", "1,500 steps", "suponly")
+    assert "test split, 1,500 steps, n=3 replicates" in tags["dcc.report_title"]
+    assert "paired differences vs suponly" in (tmp_path / "multirun" / "report" / "table.md").read_text()
