@@ -487,9 +487,9 @@ def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = 
         notes.append(f"no paired differences: no {DEFAULT_BASELINE} arm in this sweep (--baseline names one of: "
                      f"{', '.join(rows)})")
     switches = {r.row: r.switches for r in records if r.switches}
-    report = Report(title=title, by=keys, cells=cells, rows=rows, cols=cols, notes=notes, paper_label=label,
-                    switches=switches, split=split, steps=sorted({r.steps for r in records if r.steps}),
-                    baseline=chosen if comparisons else None, comparisons=comparisons, subset=_subset(cells, records),
-                    split_seeds=sorted({r.split_seed for r in records if r.split_seed}, key=lambda v: _value_key("", v)))
-    return report
+    split_seeds = sorted({r.split_seed for r in records if r.split_seed}, key=lambda v: _value_key("", v))
+    return Report(title=title, by=keys, cells=cells, rows=rows, cols=cols, notes=notes, paper_label=label,
+                  switches=switches, split=split, steps=sorted({r.steps for r in records if r.steps}),
+                  baseline=chosen if comparisons else None, comparisons=comparisons, subset=_subset(cells, records),
+                  split_seeds=split_seeds)
 

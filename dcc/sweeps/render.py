@@ -201,7 +201,8 @@ def to_csv(report: Report) -> str:
                       _num(cmp.mean), _num(cmp.std), _num(dci and dci[0]), _num(dci and dci[1]), cmp.same_sign,
                       cmp.verdict]
         w.writerow([c.row, col_label(c.col, report.by), *[v for _, v in c.col], report.split, c.steps, c.n,
-                    " ".join(report.rep_label(r) for r in c.replicates), " ".join(f"{v:.3f}" for v in c.values), _num(c.mean), _num(c.std),
+                    " ".join(report.rep_label(r) for r in c.replicates), " ".join(f"{v:.3f}" for v in c.values),
+                    _num(c.mean), _num(c.std),
                     _num(ci and ci[0]), _num(ci and ci[1]), "" if c.paper is None else c.paper, _num(c.delta),
                     *paired])
     return buf.getvalue()
