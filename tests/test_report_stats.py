@@ -112,13 +112,14 @@ def test_csv_has_one_row_per_cell_with_its_interval_and_paired_difference(store,
     assert report.main([parent, "--tracking-uri", uri, "--out", str(tmp_path / "r"), "--no-log"]) == 0
     text = (tmp_path / "r" / "table.csv").read_text()
     assert text.splitlines()[0].split(",") == ["loss", "column", "split", *CSV_FIELDS[2:]]
-    assert list(CSV_FIELDS) == ["loss", "column", "split", "steps", "n", "replicates", "values", "mean", "std",
+    assert list(CSV_FIELDS) == ["loss", "column", "eval_split", "steps", "n", "replicates", "values", "mean", "std",
                                 "ci_low", "ci_high", "paper", "delta", "baseline", "paired", "unpaired", "diffs",
                                 "diff_mean", "diff_std", "diff_ci_low", "diff_ci_high", "same_sign", "verdict"]
     rows = {r["loss"]: r for r in csv.DictReader(io.StringIO(text))}
     viii = rows["ablation_viii"]
     lo, hi = _ci(54.5, 1.5, 3, T2)  # 53, 56, 54.5
-    assert (viii["split"], viii["steps"], viii["n"], viii["replicates"]) == ("test", "1500", "3", "1 2 3")
+    assert (viii["split"], viii["eval_split"], viii["steps"], viii["n"], viii["replicates"]) == (
+        "1_8", "test", "1500", "3", "1 2 3")
     assert float(viii["ci_low"]) == pytest.approx(lo, abs=1e-3) and float(viii["ci_high"]) == pytest.approx(hi, abs=1e-3)
     assert (viii["baseline"], viii["paired"], viii["diff_mean"], viii["same_sign"], viii["verdict"]) == (
         "suponly", "3", "3.500", "3", "better")

@@ -175,7 +175,7 @@ def to_markdown(report: Report, layout: str = "auto") -> str:
     return "\n".join(text) + "\n"
 
 
-CSV_FIELDS = ("loss", "column", "split", "steps", "n", "replicates", "values", "mean", "std", "ci_low", "ci_high",
+CSV_FIELDS = ("loss", "column", "eval_split", "steps", "n", "replicates", "values", "mean", "std", "ci_low", "ci_high",
               "paper", "delta", "baseline", "paired", "unpaired", "diffs", "diff_mean", "diff_std", "diff_ci_low",
               "diff_ci_high", "same_sign", "verdict")
 
@@ -185,7 +185,8 @@ def _num(x: float | None) -> str:
 
 
 def to_csv(report: Report) -> str:
-    """One row per cell (the swept keys as columns after ``column``): its replicates and values (percent), mean,
+    """One row per cell (the swept keys as columns after ``column``; ``split`` among them is the labeled share,
+    ``eval_split`` the evaluation split, val or test): its replicates and values (percent), mean,
     std and interval; for an arm other than the baseline, its paired differences from the baseline."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
