@@ -5,8 +5,9 @@ Registered by ``conf/hydra/callbacks/mlflow_parent.yaml``. At multirun start it 
 name) and exports its id in ``DCC_MLFLOW_PARENT_RUN`` (:data:`dcc.engine.tracking.PARENT_RUN_ENV`); every job
 started from this process, in-process, by submitit locally or through ``sbatch`` (which exports the
 environment), tags its run with ``mlflow.parentRunId``, so the MLflow UI shows the sweep as one group.
-At multirun end it prints the sweep's table (:mod:`dcc.report`), logs it, its numbers (as metrics: mean
-final / best mIoU per cell) and the Optuna results to the parent and closes the parent; if the sweep
+At multirun end it prints the sweep's tables (:mod:`dcc.report`: per cell n, mean, std and 95% interval, and
+the paired differences of every arm from SupOnly), logs them, their numbers (as metrics) and the Optuna
+results to the parent and closes the parent; if the sweep
 dies, the parent is closed as FAILED at exit. It also exports the keys the sweep varies
 (``DCC_SWEPT_KEYS``), which the jobs put in their run names, and fails the sweep at once, in one
 message, when the MLflow store cannot be reached.
@@ -223,8 +224,9 @@ class MLflowSweepParent(Callback):
                   f"{self.run_id}, artifacts/report)", flush=True)
 
     def _log_figures(self, report: Any) -> None:
-        """The table's numbers as the parent's metrics, so that the MLflow runs table shows the sweep's result."""
-        from mlflow.entities import Metric
+        """The table's numbers as the parent's metrics, so that the MLflow runs table shows the sweep's result,
+        and what they are as tags: the evaluation split, the budget, the replicates and the baseline arm."""
+        from mlflow.entities import Metric, RunTag
 
         from dcc.sweeps import report as rep
 
@@ -232,3 +234,9 @@ class MLflowSweepParent(Callback):
         items = [Metric(k, v, now, 0) for k, v in rep.summary_metrics(report).items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        tags = {"dcc.report_split": report.split, "dcc.report_steps": report.budget_label,
+                "dcc.report_replicates": report.n_label, "dcc.report_subset": report.subset,
+                "dcc.report_title": report.heading()[:5000]}
+        if report.baseline:
+            tags["dcc.report_baseline"] = report.baseline
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

@@ -3,14 +3,18 @@
     python -m dcc.report                       # the latest sweep in the store
     python -m dcc.report digits                # the latest sweep of experiment "digits"
     python -m dcc.report digits --all          # every finished run of the experiment
-    python -m dcc.report <parent run id | sweep name> [--by loss/weight] [--out DIR]
+    python -m dcc.report <parent run id | sweep name> [--by loss/weight] [--split val|test] [--baseline suponly]
 
-Rows are loss presets (in the order of Table 3), columns are splits or, for a grid, the swept values
-(the config keys that differ between the runs, found automatically or named with ``--by``). A cell is
-the mean +- standard deviation over seeds of the best and of the last validation mIoU (percent); where
-dataset, segnet and backbone are those of a table of the paper, the paper's number and the difference
-(best - paper) stand beside it. The table is printed as Markdown and written, with a CSV and a PNG
-chart, to ``--out``; for a sweep the three files are also logged to its parent run (``report/``).
+Rows are loss presets, the arms (in the order of Table 3), columns are splits or, for a grid, the swept
+values (the config keys that differ between the runs, found automatically or named with ``--by``). A cell
+is n, mean, std and a 95% Student-t interval over replicates (a replicate: ``trainer/seed`` and
+``split/seed``) of the test mIoU (percent) when every run logged ``test/miou``, else of the final
+validation mIoU (``--split`` names one); every other arm is compared with a baseline arm (``suponly``
+by default, ``--baseline``) through its paired differences per replicate, their mean with a 95% interval,
+how many share its sign and a verdict (better / worse only when the interval excludes 0). Where dataset,
+segnet and backbone are those of a table of the paper, the paper's number and the difference stand beside
+a cell. The tables are printed as Markdown and written, with a CSV and a PNG chart, to ``--out``; for a
+sweep the three files are also logged to its parent run (``report/``).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dcc.engine.tracking import PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, default_tracking_uri
-from dcc.sweeps.aggregate import (BEST, LAST, Cell, Record, Report, build_report, records_from_runs,  # noqa: F401
-                                  varying_keys)
+from dcc.sweeps.aggregate import (BEST, LAST, TEST, Cell, Comparison, Record, Report, ReportError,  # noqa: F401
+                                  build_report, records_from_runs, t_interval, varying_keys)
 from dcc.sweeps.paper import (PRESET_SWITCHES, ROW_ORDER, SWITCHES, TABLE1, TABLE2, TABLE3, TABLE3_SETTING,  # noqa: F401
                               TABLE5, paper_dataset, paper_miou, switches_label)
 from dcc.sweeps.render import (CSV_FIELDS, chart, col_label, layout_for, plot, short, summary_metrics,  # noqa: F401
@@ -58,10 +62,6 @@ def _latest_sweep(client: Any, experiment_ids: list[str], name: str | None = Non
         filt += f" and tags.`{SWEEP_NAME_TAG}` = '{name}'"
     runs = client.search_runs(experiment_ids, filter_string=filt, max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
-
-
-class ReportError(RuntimeError):
-    pass
 
 
 def resolve_target(client: Any, target: str | None, all_runs: bool) -> tuple[str, Any | None, list[str]]:
@@ -101,15 +101,31 @@ def _sweep_title(parent: Any) -> str:
 
 
 def report_for_parent(client: Any, parent_run_id: str, *, by: Sequence[str] | None = None, paper: str = "match",
-                      out_dir: Path | None = None, layout: str = "auto", log: bool = True) -> tuple[Report, dict[str, Path]]:
+                      out_dir: Path | None = None, layout: str = "auto", log: bool = True, split: str | None = None,
+                      baseline: str | None = None) -> tuple[Report, dict[str, Path]]:
     """Build, write and (``log``) attach to the parent run the report of one sweep; used by the sweep callback."""
     parent = client.get_run(parent_run_id)
-    report = build_report(sweep_children(client, parent), title=_sweep_title(parent), by=by, paper=paper)
+    report = build_report(sweep_children(client, parent), title=_sweep_title(parent), by=by, paper=paper,
+                          split=split, baseline=baseline)
     files = write_report(report, out_dir or Path("reports") / _slug(report.title), layout)
     if log:
         for f in files.values():
             client.log_artifact(parent_run_id, str(f), "report")
     return report, files
+
+
+def _run_counts(client: Any, parent: Any | None, exp_ids: list[str]) -> str:
+    """``3 runs: 2 FAILED, 1 RUNNING`` (a sweep's children, else the experiments' runs)."""
+    if parent is not None:
+        runs = sweep_children(client, parent, ("FINISHED", "RUNNING", "FAILED", "KILLED", "SCHEDULED"))
+    else:
+        runs = [r for r in search_all(client, exp_ids) if r.data.tags.get(SWEEP_TAG) != "true"]
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.info.status] = counts.get(r.info.status, 0) + 1
+    if not runs:
+        return "no runs"
+    return f"{len(runs)} run(s): " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
 
 
 def _slug(text: str) -> str:
@@ -125,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--by", default=None, help="comma-separated column keys (split, loss/weight, ...); default: the keys that vary")
     ap.add_argument("--paper", choices=("match", "always", "never"), default="match",
                     help="paper numbers where dataset/segnet/backbone match (default), always (Table 3/1, VOC DeepLabv3+ R50) or never")
+    ap.add_argument("--split", choices=("val", "test"), default=None,
+                    help="the evaluation split of every number (default: test when every run logged test/miou, else val)")
+    ap.add_argument("--baseline", default=None,
+                    help="the arm (loss preset) every other arm is compared with (default: suponly when the sweep has it)")
     ap.add_argument("--layout", choices=("auto", "wide", "long"), default="auto")
     ap.add_argument("--include-unfinished", action="store_true", help="also use RUNNING/FAILED/KILLED runs that logged final metrics")
     ap.add_argument("--out", default=None, help="directory for table.md, table.csv and chart.png (default: reports/<sweep>)")
@@ -150,7 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [r for r in search_all(client, exp_ids)
                 if r.info.status in statuses and r.data.tags.get(SWEEP_TAG) != "true"]
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
-    report = build_report(runs, title=title, by=by, paper=args.paper)
+    try:
+        report = build_report(runs, title=title, by=by, paper=args.paper, split=args.split, baseline=args.baseline)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not report.cells:
+        print(f"error: {title}: no finished runs with {report.metric} ({_run_counts(client, parent, exp_ids)})",
+              file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path("reports") / _slug(title)
     files = write_report(report, out, args.layout)
     print(to_markdown(report, args.layout))
