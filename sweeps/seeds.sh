@@ -15,7 +15,7 @@ SWEEP=(loss=ablation_viii,suponly split=1_8)
 source "$(dirname "$0")/_common.sh"
 if [[ "${1:-}" == bench ]]; then  # the ceiling of the benchmark: every label, supervised only, seed 1
     (SEEDS=1
-     SWEEP=(loss=suponly split=full 'hydra.sweep.dir=multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}_ceiling')
+     SWEEP=(loss=suponly split=full 'hydra.sweep.dir=multirun/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}_ceiling')
      run_sweep seeds_ceiling "$@") &
     ceiling=$!
     run_sweep seeds "$@"

@@ -106,3 +106,105 @@ def test_every_backbone_option_trains_on_the_default_preset_with_its_digit_pretr
     assert 0.0 <= miou <= 1.0
     assert "pretrained backbone: held-out digit accuracy" in err
     assert list((tmp_path / "data" / "digits").glob("pretrained_backbone_*.pt"))
+
+
+# ------------------------------------------------------------- the MLflow store under concurrency (item 4)
+def _open_and_log(uri: str, start_at: float, out) -> None:
+    import time
+
+    from dcc.engine.tracking import experiment_id, open_client
+
+    time.sleep(max(0.0, start_at - time.time()))  # every process opens the new store at the same instant
+    try:
+        client = open_client(uri)
+        run = client.create_run(experiment_id(client, "digits"), run_name="parent")
+        out.put(("ok", run.info.run_id))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out.put(("error", repr(exc)))
+
+
+def test_processes_creating_a_new_store_at_once_all_succeed(tmp_path):
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("spawn")
+    for attempt in range(2):
+        uri = f"sqlite:///{tmp_path / f'mlflow{attempt}.db'}"
+        out = ctx.Queue()
+        start_at = time.time() + 4.0
+        procs = [ctx.Process(target=_open_and_log, args=(uri, start_at, out)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert [r[0] for r in results] == ["ok"] * 3, results
+
+
+def _interrupted_store(path):
+    """What Ctrl-C during a first run's store creation leaves: some tables, and a migration's temporary one."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER, name VARCHAR(256))")
+        db.execute("CREATE TABLE _alembic_tmp_experiments (experiment_id INTEGER)")
+
+
+def test_a_store_left_half_created_is_moved_aside_and_recreated(tmp_path):
+    from dcc.engine.tracking import experiment_id, open_client
+
+    path = tmp_path / "mlflow.db"
+    _interrupted_store(path)
+    client = open_client(f"sqlite:///{path}")
+    client.create_run(experiment_id(client, "digits"))
+    (aside,) = tmp_path.glob("mlflow.db.broken-*")  # kept, not deleted
+    assert aside.stat().st_size > 0
+
+
+def test_a_half_migrated_store_with_runs_is_named_in_one_line_at_start(tmp_path):
+    import sqlite3
+
+    from dcc.engine.preflight import PreflightError, check_tracking
+    from dcc.engine.tracking import experiment_id, open_client
+
+    path = tmp_path / "mlflow.db"
+    client = open_client(f"sqlite:///{path}")
+    client.create_run(experiment_id(client, "digits"))
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE _alembic_tmp_runs (run_uuid TEXT)")
+    with pytest.raises(PreflightError, match=r"half-migrated .*_alembic_tmp_runs.* holds 1 runs.*mlflow db upgrade"):
+        check_tracking(f"sqlite:///{path}", "logger.tracking_uri")
+
+
+def test_two_sweeps_started_in_the_same_second_get_their_own_directories():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    import re
+
+    # resolved once per sweep (Hydra caches `now`), to the microsecond
+    assert re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", cfg.hydra.sweep.dir)
+
+
+# ------------------------------------------------------------------- tracking URIs checked at start (item 5)
+@pytest.mark.parametrize("uri, says", [
+    ("htp://localhost:5000", "unknown scheme 'htp://'; use http(s)://host:port"),
+    ("{tmp}/mlruns", "a directory is MLflow's deprecated file store; use a SQLite store in it: sqlite:///"),
+    ("file://{tmp}/mlruns", "deprecated file store"),
+    ("sqlite:///{tmp}/nonexistent/dir/mlflow.db", "the directory {tmp}/nonexistent/dir does not exist"),
+])
+def test_a_bad_tracking_uri_is_one_line_at_start_and_creates_nothing(uri, says, tmp_path):
+    from tests.test_robust import run_py
+
+    uri, says = uri.format(tmp=tmp_path), says.format(tmp=tmp_path)
+    proc = run_py([f"logger.tracking_uri={uri}", f"dataset.root={tmp_path / 'data'}",
+                   f"trainer.runs_root={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: logger.tracking_uri=")
+    assert says in proc.stderr
+    assert not (tmp_path / "nonexistent").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns").exists()

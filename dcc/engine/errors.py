@@ -30,8 +30,9 @@ def project_errors() -> tuple[type[BaseException], ...]:
     from dcc.method.models.backbone import WeightsError
     from dcc.engine.preflight import PreflightError
     from dcc.engine.trainer import NonFiniteLossError
+    from dcc.engine.tracking import StoreError
 
-    return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError,
+    return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError, StoreError,
             InterpolationResolutionError, MissingMandatoryValue, FileNotFoundError)
 
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from dcc.engine import distributed as ddp
 from dcc.engine import preflight, resume
 from dcc.config import CheckpointLog, ConfigError, Method, choice, result_neutral, validate
-from dcc.engine.tracking import (PARENT_RUN_ENV, PARENT_TAG, SWEPT_KEYS_ENV, NullTracker, flatten, git_commit, logging_off,
+from dcc.engine.tracking import (open_client, PARENT_RUN_ENV, PARENT_TAG, SWEPT_KEYS_ENV, NullTracker, flatten, git_commit, logging_off,
                           make_tracker, tracking_uri)
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,7 @@ def _adopt(cfg: DictConfig, launch_dir: Path, run_id: str | None) -> None:
     if not parent or not run_id or logging_off(cfg):
         return
     try:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri=tracking_uri(cfg, launch_dir)).set_tag(run_id, PARENT_TAG, parent)
+        open_client(tracking_uri(cfg, launch_dir)).set_tag(run_id, PARENT_TAG, parent)
     except Exception as exc:  # noqa: BLE001 - grouping is a convenience
         log.warning("could not add the finished run %s to this sweep (%s)", run_id, exc)
 

@@ -59,9 +59,17 @@ def check_writable(path: Path, what: str) -> None:
         raise PreflightError(f"{what}: cannot write {path} ({base} is not a writable directory)")
 
 
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")  # MLflow stores passed on as they are
+
+
 def check_tracking(uri: str, source: str) -> None:
-    """The MLflow store at ``uri`` can be used: an HTTP server answers within :data:`HTTP_TIMEOUT_S`, a local
-    store's directory is writable. ``source`` names where the URI came from (for the message)."""
+    """The MLflow store at ``uri`` can be used: an HTTP server answers within :data:`HTTP_TIMEOUT_S`; a SQLite
+    store's directory exists and is writable and the store is not left half-migrated with runs in it; anything
+    else (a typo in the scheme, MLflow's deprecated file store) is refused naming what works. ``source`` names
+    where the URI came from (for the message)."""
+    from dcc.engine.tracking import _half_created, sqlite_path
+
+    scheme = urllib.parse.urlparse(uri).scheme.split("+", 1)[0].lower()
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HTTP_TIMEOUT_S):
@@ -74,12 +82,27 @@ def check_tracking(uri: str, source: str) -> None:
                 f"{source}={uri}: cannot reach the MLflow tracking server ({reason}; {HTTP_TIMEOUT_S:.0f} s timeout). "
                 "Start it (mlflow server ...), point to a reachable one, or use logger=none"
             ) from exc
-    elif uri.startswith("sqlite:///"):
-        check_writable(Path(uri[len("sqlite:///"):]).parent, f"{source}={uri}")
-    elif uri.startswith("file:"):
-        check_writable(Path(urllib.parse.urlparse(uri).path), f"{source}={uri}")
-    elif "://" not in uri:  # a plain directory (MLflow's file store)
-        check_writable(Path(uri), f"{source}={uri}")
+    elif (path := sqlite_path(uri)) is not None:
+        if not path.parent.is_dir():
+            raise PreflightError(f"{source}={uri}: the directory {path.parent} does not exist (MLflow would create "
+                                 f"it silently); create it (mkdir -p {path.parent}) or fix the path")
+        check_writable(path.parent, f"{source}={uri}")
+        found = _half_created(path)
+        if found is not None and found[1]:
+            raise PreflightError(
+                f"{source}={uri}: the store was left half-migrated (table {found[0][0]} of an interrupted schema "
+                f"upgrade) and holds {found[1]} runs: back it up, then run `mlflow db upgrade {uri}`, or log elsewhere")
+    elif scheme in DATABASE_SCHEMES:
+        return
+    elif scheme in ("", "file") or (len(scheme) == 1 and uri[1:2] == ":"):
+        where = urllib.parse.urlparse(uri).path if scheme == "file" else uri
+        raise PreflightError(
+            f"{source}={uri}: a directory is MLflow's deprecated file store; use a SQLite store in it: "
+            f"sqlite:///{Path(where).expanduser().resolve() / 'mlflow.db'}")
+    else:
+        raise PreflightError(
+            f"{source}={uri}: unknown scheme {scheme + '://'!r}; use http(s)://host:port (a tracking server), "
+            f"sqlite:///path/mlflow.db, or one of {', '.join(s + '://' for s in DATABASE_SCHEMES)}")
 
 
 def tracking_source(cfg: Any, launch_dir: Path) -> tuple[str, str] | None:

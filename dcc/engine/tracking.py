@@ -44,6 +44,65 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class StoreError(RuntimeError):
+    """An MLflow store that cannot be used as it is; the message names it and says what to do."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _half_created(path: Path) -> tuple[list[str], int] | None:
+    """``(leftover tables, number of runs)`` when the SQLite store at ``path`` holds the temporary tables of an
+    interrupted schema creation or migration (``_alembic_tmp_*``), else None."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        leftovers = [t for t in tables if t.startswith("_alembic_tmp_")]
+        if not leftovers:
+            return None
+        runs = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    return leftovers, int(runs)
+
+
+def _repair(path: Path) -> None:
+    """A store left half-created (Ctrl-C in the first second of a first run) that holds no run is moved aside
+    (kept, never deleted) so that a new one is created; one that holds runs is named, with what to do."""
+    found = _half_created(path)
+    if found is None:
+        return
+    leftovers, runs = found
+    if runs:
+        raise StoreError(
+            f"the MLflow store {path} was left half-migrated (table {leftovers[0]} of an interrupted schema "
+            f"upgrade) and holds {runs} runs: back it up, then run `mlflow db upgrade sqlite:///{path}`, or "
+            "log elsewhere (logger.tracking_uri=...)")
+    aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    log.warning("the MLflow store %s was left half-created by an interrupted first run (no runs in it): moved "
+                "it to %s and creating a new one", path, aside)
+
+
+def open_client(uri: str) -> Any:
+    """An ``MlflowClient`` on ``uri``. A local SQLite store is created (or its schema upgraded) by one process at a
+    time, under a lock file beside it (``mlflow.lock``): parallel jobs, two sweeps started together and a sweep's
+    parent run all race otherwise (``duplicate column name``). A store left half-created is repaired first."""
+    from mlflow.tracking import MlflowClient
+
+    path = sqlite_path(uri)
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(path.with_suffix(".lock")):
+        _repair(path)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates or upgrades the schema now, under the lock
+    return client
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a/b": 1}``; lists are kept as values."""
     out: dict[str, Any] = {}
@@ -118,20 +177,11 @@ class NullTracker:
 
 class MLflowTracker:
     def __init__(self, tracking_uri: str, experiment: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        if tracking_uri.startswith("sqlite:///"):
-            # A new SQLite store is created by schema migrations that race when parallel jobs start
-            # together; one job at a time creates it, the others wait on a lock file beside it.
-            with file_lock(Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock")):
-                self.client = MlflowClient(tracking_uri=tracking_uri)
-                self.client.search_experiments(max_results=1)
-        else:
-            self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = open_client(tracking_uri)
 
     def start(
         self, *, run_id: str | None, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],

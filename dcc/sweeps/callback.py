@@ -31,7 +31,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.engine.tracking import (PARENT_RUN_ENV, PARENT_TAG, SWEEP_KEY_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_KEYS_ENV,
+from dcc.engine.tracking import (open_client, PARENT_RUN_ENV, PARENT_TAG, SWEEP_KEY_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_KEYS_ENV,
                           default_tracking_uri, experiment_id)
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,6 @@ class MLflowSweepParent(Callback):
             log.warning("could not create the sweep's MLflow parent run (%s): jobs are logged ungrouped", exc)
 
     def _start(self, config: DictConfig) -> None:
-        from mlflow.tracking import MlflowClient
-
         cwd = Path(_get(config, "hydra.runtime.cwd", os.getcwd()))
         uri = _get(config, "logger.tracking_uri") or default_tracking_uri(cwd)
         experiment = str(_get(config, "logger.experiment", "Default"))
@@ -119,7 +117,7 @@ class MLflowSweepParent(Callback):
         self.sweep_dir = Path(str(_get(config, "hydra.sweep.dir", "multirun")))
         if not self.sweep_dir.is_absolute():
             self.sweep_dir = cwd / self.sweep_dir
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)  # under the store's lock: two sweeps may create it at once
         exp_id = experiment_id(self.client, experiment)
 
         key = sweep_key(config)
