@@ -208,3 +208,61 @@ def test_a_bad_tracking_uri_is_one_line_at_start_and_creates_nothing(uri, says, 
     assert says in proc.stderr
     assert not (tmp_path / "nonexistent").exists() and not (tmp_path / "data").exists()
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns").exists()
+
+
+# ---------------------------------------- failures outside the project's checks, in one line (item 5)
+def test_a_full_disk_during_a_checkpoint_write_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 3}, path)
+
+    def full_disk(state, fh):
+        fh.write(b"\0" * 4096)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4000")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 30, 10 << 30, 0))
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.save_atomic({"step": 6}, path)
+    message = str(err.value)
+    assert "\n" not in message and f"cannot write the checkpoint {path}: no space left on the device" in message
+    assert f"0 MiB free in {tmp_path}" in message and "the previous checkpoint" in message and "is intact" in message
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 3 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_tracking_outage_checkpoints_then_stops_in_one_line(tiny_overrides, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from dcc.engine.tracking import TrackingLost
+
+    calls = {"log": 0, "terminated": 0}
+    log_batch, set_terminated = MlflowClient.log_batch, MlflowClient.set_terminated
+
+    def flaky(self, run_id, metrics=(), params=(), tags=()):
+        if metrics:
+            calls["log"] += 1
+            if calls["log"] >= 4:  # steps 2, 3 (losses, validation) logged; the server went away before step 4
+                raise ConnectionError("API request to http://tracker/api/2.0/mlflow/runs/log-batch failed: Max retries")
+        return log_batch(self, run_id, metrics=metrics, params=params, tags=tags)
+
+    def counted(self, *args, **kwargs):
+        calls["terminated"] += 1
+        return set_terminated(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    monkeypatch.setattr(MlflowClient, "set_terminated", counted)
+    cfg = compose_cfg(tiny_overrides)
+    with pytest.raises(TrackingLost) as err:
+        run(cfg, launch_dir=tmp_path)
+    message = str(err.value)
+    last = run_dir_for(cfg, tmp_path) / "last.pt"
+    assert "\n" not in message and "lost the MLflow store" in message and "Max retries" in message
+    assert f"checkpoint of step 4 written to {last}" in message and "continue with:" in message
+    assert checkpoint.load(last)["step"] == 4  # the steps since the last periodic checkpoint (3) are kept
+    assert calls["terminated"] == 0  # the failure handler does not call the dead server again

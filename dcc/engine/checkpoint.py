@@ -6,8 +6,10 @@ A write killed half-way (``kill -9``, a node failure) leaves ``last.pt.<random>.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,24 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as "unexpected pos ..."
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, exc, written) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, exc: BaseException, written: int) -> CheckpointError:
+    """One line for a failed checkpoint write: a full disk said in words, with the free space and the directory."""
+    free = shutil.disk_usage(path.parent).free
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc) or free < max(2 * written, 64 << 20)
+    why = "no space left on the device" if full else str(exc).strip().splitlines()[0][:200]
+    kept = f"the previous checkpoint {path} is intact" if path.exists() else "no earlier checkpoint exists"
+    return CheckpointError(f"cannot write the checkpoint {path}: {why} ({free / 2**20:.0f} MiB free in {path.parent} "
+                           f"after {written / 2**20:.0f} MiB were written); {kept}. Free some space, then re-run the "
+                           "same command to continue from it")
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -30,9 +30,9 @@ def project_errors() -> tuple[type[BaseException], ...]:
     from dcc.method.models.backbone import WeightsError
     from dcc.engine.preflight import PreflightError
     from dcc.engine.trainer import NonFiniteLossError
-    from dcc.engine.tracking import StoreError
+    from dcc.engine.tracking import StoreError, TrackingLost
 
-    return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError, StoreError,
+    return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError, StoreError, TrackingLost,
             InterpolationResolutionError, MissingMandatoryValue, FileNotFoundError)
 
 

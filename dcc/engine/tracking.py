@@ -48,6 +48,10 @@ class StoreError(RuntimeError):
     """An MLflow store that cannot be used as it is; the message names it and says what to do."""
 
 
+class TrackingLost(RuntimeError):
+    """The MLflow store stopped answering during a run (after MLflow's own retries)."""
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else None."""
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
@@ -213,19 +217,35 @@ class MLflowTracker:
         self.client.log_text(self.run_id, config_yaml, "config.yaml")
         return self.run_id
 
+    lost: bool = False  # the store stopped answering: nothing more is sent to it
+
+    @contextlib.contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """A call to the store; its failure (MLflow has retried already) becomes :class:`TrackingLost`."""
+        if self.lost:
+            raise TrackingLost(f"the MLflow store {self.tracking_uri} is not answering")
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - whatever the client raised: HTTP, database, timeout
+            self.lost = True
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise TrackingLost(f"lost the MLflow store {self.tracking_uri} while logging {what} ({reason})") from exc
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        with self._call(f"the metrics of step {step}"):
+            for i in range(0, len(items), 1000):
+                self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with self._call(f"the artifact {Path(path).name}"):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.run_id is not None:
+        if self.run_id is not None and not self.lost:  # a store that is gone is not called again
             self.client.set_terminated(self.run_id, status=status)
 
     def describe(self) -> str:

@@ -38,7 +38,7 @@ from dcc.method.models import Segmentor, build_model
 from dcc.engine.optim import build_optimizer, poly_scheduler
 from dcc.engine.preemption import PreemptionGuard
 from dcc.engine.resume import continue_command, damaged, resume_mode
-from dcc.engine.tracking import logging_off
+from dcc.engine.tracking import TrackingLost, logging_off
 from dcc.engine.visualize import dataset_palette, save_prediction_grid
 
 log = logging.getLogger(__name__)
@@ -279,10 +279,13 @@ class Trainer:
         stop = self.guard.requested  # preemption / time limit: log and checkpoint now, then let the launcher requeue
         if ddp.world_size() > 1:  # every rank must stop at the same step: agreed at log intervals
             stop = step % tc.log_every == 0 and ddp.any_rank(stop, self.device)
-        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last or stop:
-            self.log_losses()
-        if step % tc.eval_every == 0 or is_last:
-            self.validate(is_last)
+        try:
+            if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last or stop:
+                self.log_losses()
+            if step % tc.eval_every == 0 or is_last:
+                self.validate(is_last)
+        except TrackingLost as exc:  # the store is gone: keep the training done so far, then stop in one line
+            raise self._tracking_lost(exc) from exc
         if step % tc.checkpoint_every == 0 or is_last or stop:
             self.save(finished=is_last)
         if stop:
@@ -291,6 +294,19 @@ class Trainer:
                                f"{step} to {self.last}; continue with: {continue_command()}")
             self.bar.close()
             self.guard.hand_on()
+
+    def _tracking_lost(self, exc: TrackingLost) -> TrackingLost:
+        """Checkpoint at this step (one process: the others would wait in the collectives of a save) and say how
+        to go on; the metrics of this step are not in MLflow."""
+        step = self.progress.step
+        if ddp.world_size() == 1:
+            self.save(finished=False)
+            kept = f"checkpoint of step {step} written to {self.last}"
+        else:
+            kept = f"the last checkpoint ({self.last}, every {self.tc.checkpoint_every} steps) is kept"
+        self.bar.close()
+        return TrackingLost(f"{exc} at step {step}; {kept} (this step's metrics are not in MLflow); when the store "
+                            f"answers again, continue with: {continue_command()}")
 
     def log_losses(self) -> None:
         scalars = self.meter.flush()  # raises on a non-finite loss before anything is saved
