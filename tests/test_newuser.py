@@ -266,3 +266,57 @@ def test_a_tracking_outage_checkpoints_then_stops_in_one_line(tiny_overrides, tm
     assert f"checkpoint of step 4 written to {last}" in message and "continue with:" in message
     assert checkpoint.load(last)["step"] == 4  # the steps since the last periodic checkpoint (3) are kept
     assert calls["terminated"] == 0  # the failure handler does not call the dead server again
+
+
+# ------------------------------------------------ the digit pretraining: announced, resumable, before MLflow (item 7)
+def _pretrain_params(tmp_path):
+    from dcc.data.digits_pretrain import pretrain_params
+
+    over = [o for o in TINY if not o.startswith("dataset.scenes.pretrain.steps")]
+    return pretrain_params(compose_cfg(over + ["dataset.scenes.pretrain.steps=5", "dataset.scenes.pretrain.num_images=16",
+                                               "dataset.scenes.pretrain.batch_size=4", f"dataset.root={tmp_path}"]))
+
+
+def test_a_killed_pretraining_continues_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from dcc.data import digits_pretrain
+
+    monkeypatch.setattr(digits_pretrain, "_PARTIAL_EVERY", 2)
+    p = _pretrain_params(tmp_path)
+    whole, _ = digits_pretrain.pretrain(p, tmp_path / "whole.partial")
+    partial = tmp_path / "killed.partial"
+    calls = {"n": 0}
+    loss = digits_pretrain.F.cross_entropy
+
+    def killed_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(digits_pretrain.F, "cross_entropy", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        digits_pretrain.pretrain(p, partial)
+    monkeypatch.setattr(digits_pretrain.F, "cross_entropy", loss)
+    assert torch.load(partial, weights_only=False)["step"] == 4
+    capsys.readouterr()
+    continued, _ = digits_pretrain.pretrain(p, partial)
+    assert "pretraining: continuing from step 4 of 5" in capsys.readouterr().err
+    assert all(torch.equal(v, continued[k]) for k, v in whole.items())
+
+
+def test_a_run_killed_during_the_pretraining_leaves_no_mlflow_run_running(tiny_overrides, tmp_path, monkeypatch, capsys):
+    from dcc.data import digits_pretrain
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(digits_pretrain, "pretrain", killed)
+    over = [o for o in tiny_overrides if not o.startswith(("dataset.scenes.pretrain.steps", "dataset.root"))]
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg(over + ["dataset.scenes.pretrain.steps=3", f"dataset.root={tmp_path / 'data'}"]),
+            launch_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert "once for this backbone" in err and "dataset.scenes.pretrain.steps=0" in err and "backbone.weights=PATH" in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 _FEATURE_KWARGS = ("out_indices", "feature_cls", "feature_cfg", "output_stride")
 _HOLDOUT = 200  # pretraining-pool digits kept out of training, for the accuracy figure
 _TEST_IMAGES = 1000
+_PARTIAL_EVERY = 50  # steps between saves of an unfinished pretraining (a killed run continues from there)
 
 
 def pretrain_params(cfg: Any) -> dict[str, Any]:
@@ -80,8 +81,38 @@ def _classifier(name: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module
         return timm.create_model(name, num_classes=10, **kwargs)
 
 
-def pretrain(p: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train the classifier; returns (backbone state dict without the head, {"accuracy", "seconds"})."""
+def _save_partial(path: Path, state: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_partial(path: Path | None, p: dict[str, Any]) -> dict[str, Any] | None:
+    """The state of an interrupted pretraining with the same parameters, or None."""
+    if path is None or not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - a damaged partial file: start over (it is only a cache)
+        return None
+    return state if state.get("params") == p else None
+
+
+def _eta(done: int, total: int, seconds: float) -> str:
+    left = seconds / max(done, 1) * (total - done)
+    return f"about {left / 60:.1f} min left" if left >= 90 else f"about {left:.0f} s left"
+
+
+def pretrain(p: dict[str, Any], partial: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train the classifier; returns (backbone state dict without the head, {"accuracy", "seconds"}).
+
+    With ``partial``, the state is saved there every :data:`_PARTIAL_EVERY` steps and an interrupted pretraining
+    with the same parameters continues from it (the same result as an uninterrupted one)."""
     start = time.perf_counter()
     pool = digit_pools(p["seed"])["pretrain"]
     train_seq, test_seq, init_seq = np.random.SeedSequence([p["seed"], 0x7072]).spawn(3)
@@ -92,20 +123,37 @@ def pretrain(p: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, floa
         model = _classifier(p["backbone"], p["kwargs"], int(init_seq.generate_state(2)[1]))
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=max(p["steps"], 1))
+    first, spent = 0, 0.0
+    if (state := _load_partial(partial, p)) is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        first, spent = int(state["step"]), float(state["seconds"])
+        print(f"pretraining: continuing from step {first} of {p['steps']} ({partial})", file=sys.stderr, flush=True)
     model.train()
-    for _ in range(p["steps"]):
+    loop_start = time.perf_counter()
+    for step in range(first + 1, p["steps"] + 1):
         idx = torch.randint(len(x), (p["batch_size"],), generator=gen)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if step - first == 10 or step % 100 == 0 and step < p["steps"]:
+            print(f"pretraining: step {step} of {p['steps']}, "
+                  f"{_eta(step - first, p['steps'] - first, time.perf_counter() - loop_start)}",
+                  file=sys.stderr, flush=True)
+        if partial is not None and step % _PARTIAL_EVERY == 0 and step < p["steps"]:
+            _save_partial(partial, {"params": p, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                                    "sched": sched.state_dict(), "gen": gen.get_state(),
+                                    "seconds": spent + time.perf_counter() - start})
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(chunk).argmax(1) for chunk in xt.split(250)])
     accuracy = float((pred == yt).float().mean())
     model.reset_classifier(0)
-    return model.state_dict(), {"accuracy": accuracy, "seconds": time.perf_counter() - start}
+    return model.state_dict(), {"accuracy": accuracy, "seconds": spent + time.perf_counter() - start}
 
 
 def ensure_pretrained_backbone(cfg: Any, *, force: bool = False) -> Path:
@@ -121,10 +169,13 @@ def ensure_pretrained_backbone(cfg: Any, *, force: bool = False) -> Path:
 
 def _build(cfg: Any, path: Path) -> Path:
     p = pretrain_params(cfg)
-    print(f"pretraining {p['backbone']} on digit classification ({p['steps']} steps, pretraining pool only); "
-          f"cached in {path}", file=sys.stderr, flush=True)
-    state, info = pretrain(p)
+    print(f"pretraining {p['backbone']} on digit classification, once for this backbone ({p['steps']} steps, "
+          f"pretraining pool only; cached in {path}; a killed run continues it). Shorter: "
+          f"dataset.scenes.pretrain.steps=N; none: dataset.scenes.pretrain.steps=0 (random init) or "
+          "backbone.weights=PATH", file=sys.stderr, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    state, info = pretrain(p, partial)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -134,6 +185,7 @@ def _build(cfg: Any, path: Path) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     path.with_suffix(".json").write_text(json.dumps(p | info, indent=1))
+    partial.unlink(missing_ok=True)  # the finished weights replace it
     print(f"pretrained backbone: held-out digit accuracy {info['accuracy']:.3f} in {info['seconds']:.0f} s",
           file=sys.stderr, flush=True)
     return path

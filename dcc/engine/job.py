@@ -195,6 +195,11 @@ def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
     from dcc.data.build import build_data
 
     data = build_data(cfg)  # fails on missing/unreadable data before a run directory or an MLflow run exists
+    # The embedded dataset's pretrained backbone, built (announced, resumable) before the MLflow run is opened:
+    # a run killed during it leaves no MLflow run RUNNING.
+    from dcc.data.digits_pretrain import embedded_backbone_weights
+
+    embedded_backbone_weights(cfg)
     run_dir = run_dir_for(cfg, launch_dir)
     with contextlib.ExitStack() as stack:
         busy = None
