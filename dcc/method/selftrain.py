@@ -58,7 +58,8 @@ def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, r
         teacher.load_state_dict(state.get("model", state))
         log.info("self-training: teacher from %s", cfg.loss.teacher_checkpoint)
     else:
-        teacher = fit(cfg, data, device, tracker, run_dir / "teacher", prefix="teacher/", method=Method.suponly).model
+        teacher = fit(cfg, data, device, tracker, run_dir / "teacher", prefix="teacher/", method=Method.suponly,
+                      test=False).model  # the test split measures the student (the run's result) only
     pseudo = pseudo_label(teacher, cfg, data, device)
     del teacher
     return fit(cfg, data, device, tracker, run_dir, method=Method.suponly,
