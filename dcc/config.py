@@ -270,7 +270,9 @@ class LossConfig:
     weak: bool = False  # Eq. 10-11: the image-level classifier C_w on both unlabeled views (needs image labels)
     weak_weight: float = 0.4  # lambda_w (the authors' unused flag defaulted to 0.4)
     teacher_checkpoint: Optional[str] = None  # st: skip the teacher phase
-    st_threshold: float = 0.0  # st: pseudo-labels below this confidence are ignored
+    st_threshold: float = 0.0  # st: pseudo-labels below this confidence are ignored (rule: conf/loss/st.yaml)
+    # st: the pseudo-labeled images get the photometric augmentation of CAC's unlabeled views (dataset.unlabeled_*)
+    st_unlabeled_aug: bool = False
 
 
 @dataclass
@@ -406,6 +408,7 @@ def _validate_loss(loss: Any, method: Method, ds: Any) -> None:
     _check(loss.selected_num > 0, f"loss.selected_num must be > 0, got {loss.selected_num}")
     _check(loss.bank_steps >= 0, f"loss.bank_steps must be >= 0, got {loss.bank_steps}")
     _check(loss.start_step >= 0, f"loss.start_step must be >= 0, got {loss.start_step}")
+    _check(0.0 <= loss.st_threshold < 1.0, f"loss.st_threshold must be in [0, 1), got {loss.st_threshold}")
 
 
 def _validate_split(split: Any) -> None:

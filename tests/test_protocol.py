@@ -190,3 +190,72 @@ def test_every_arm_of_replicate_r_starts_from_the_same_backbone_and_head(tiny_ov
     for k in sup:
         assert torch.equal(sup[k], cac[k]), k
     assert any(not torch.equal(sup[k], other[k]) for k in sup if k.startswith("head."))
+
+
+# ------------------------------------------------------------------------------------------ self-training baseline
+class _FixedLogits(torch.nn.Module):
+    """Logits whose softmax confidence is 0.95 on the left half of every image (class 2) and 0.6 on the right (class 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        logits = torch.zeros(b, 3, h, w)
+        left, right = slice(0, w // 2), slice(w // 2, w)
+        # softmax of (a, 0, 0) = e^a / (e^a + 2): 0.95 at a = ln 38, 0.6 at a = ln 3
+        logits[:, 2, :, left] = float(np.log(38.0))
+        logits[:, 1, :, right] = float(np.log(3.0))
+        return logits
+
+
+@pytest.mark.parametrize("threshold, right", [(0.0, 1), (0.5, 1), (0.7, 255), (0.9, 255)])
+def test_st_threshold_turns_low_confidence_pixels_into_ignore(tiny_overrides, threshold, right):
+    from dcc.method.selftrain import pseudo_label
+
+    cfg = compose_cfg(tiny_overrides + ["loss=st", f"loss.st_threshold={threshold}"])
+    data = build_data(cfg)
+    pseudo = pseudo_label(_FixedLogits(), cfg, data, torch.device("cpu"))
+    assert len(pseudo) == len(data.unlabeled)
+    _, mask = pseudo.load(0)
+    w = mask.shape[1]
+    assert (mask[:, : w // 2] == 2).all() and (mask[:, w // 2:] == right).all()
+    assert pseudo.kept == pytest.approx(1.0 if right == 1 else (w // 2) / w)
+
+
+def test_the_unlabeled_views_augmentation_reaches_the_pseudo_labeled_images(tiny_overrides):
+    """With loss.st_unlabeled_aug the pseudo-labeled stream is colour-jittered / grayscaled / blurred like CAC's
+    unlabeled views; without it (and for the labeled stream) a flat-colour image stays flat and unchanged."""
+    from dcc.data.build import labeled_loader
+    from dcc.data.datasets import ArraySource
+
+    cfg = compose_cfg(tiny_overrides + ["loss=st", "dataset.base_size=32", "dataset.labeled_scale=[1.0,1.0]"])
+    flat = np.empty((8, 32, 32, 3), dtype=np.uint8)
+    flat[...] = (40, 160, 220)
+    source = ArraySource(flat, np.zeros((8, 32, 32), dtype=np.uint8))
+
+    def batch(aug: bool) -> torch.Tensor:
+        loader = labeled_loader(cfg, source, np.arange(8), start_step=0, device=torch.device("cpu"), stream="pseudo",
+                                batch_size=8, unlabeled_aug=aug)
+        return next(iter(loader))[0]
+
+    plain, augmented = batch(False), batch(True)
+    assert torch.allclose(plain, plain[:1, :, :1, :1].expand_as(plain))  # every pixel of every image: the same colour
+    changed = (augmented - plain).abs().amax(dim=(1, 2, 3)) > 0.05
+    assert changed.sum() >= 4  # p = 0.8 jitter, 0.2 grayscale, 0.5 blur: most of 8 images change
+
+
+def test_the_trainer_asks_for_the_unlabeled_augmentation_on_the_pseudo_stream_only(tiny_overrides, monkeypatch):
+    calls: list[tuple[str, bool]] = []
+    real = trainer_mod.labeled_loader
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("stream", "labeled"), kwargs.get("unlabeled_aug", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "labeled_loader", spy)
+    for aug in (True, False):
+        cfg = compose_cfg(tiny_overrides + ["loss=st", f"loss.st_unlabeled_aug={aug}", "logger=none"])
+        data = build_data(cfg)
+        t = trainer_mod.Trainer(cfg, data, torch.device("cpu"), NullTracker(), Path("unused"),
+                                extra_labeled=(data.train, data.unlabeled))
+        next(t._labeled_batches())
+    assert calls == [("labeled", False), ("pseudo", True), ("labeled", False), ("pseudo", False)]
+    assert compose_cfg(["loss=st"]).loss.st_unlabeled_aug is True  # the preset runs ST with it

@@ -186,9 +186,17 @@ def _loader(dataset: Dataset, batch_size: int, sampler: StepSampler, cfg: Any, d
 
 def labeled_loader(
     cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device, stream: str = "labeled",
-    batch_size: int | None = None,
+    batch_size: int | None = None, unlabeled_aug: bool = False,
 ) -> DataLoader:
+    """Labeled training batches; ``unlabeled_aug``: the photometric augmentation of CAC's unlabeled views
+    (``dataset.unlabeled_color_jitter_p`` / ``unlabeled_grayscale_p`` / ``unlabeled_blur_p``) instead of the labeled
+    images' (self-training's pseudo-labeled images with ``loss.st_unlabeled_aug``)."""
     ds = cfg.dataset
+    photometric = (
+        dict(color_jitter_p=ds.unlabeled_color_jitter_p, grayscale_p=ds.unlabeled_grayscale_p,
+             blur_p=ds.unlabeled_blur_p, blur_kernel=ds.blur_kernel)
+        if unlabeled_aug else dict(color_jitter_p=ds.color_jitter_p)
+    )
     dataset = LabeledDataset(
         source,
         indices.tolist(),
@@ -199,8 +207,8 @@ def labeled_loader(
         mean=list(ds.mean),
         std=list(ds.std),
         flip=ds.flip,
-        color_jitter_p=ds.color_jitter_p,
         ignore_index=ds.ignore_index,
+        **photometric,
     )
     batch = batch_size or cfg.trainer.batch_size
     return _loader(dataset, batch, _sampler(dataset, cfg, stream, start_step, batch), cfg, device)

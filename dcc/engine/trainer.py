@@ -239,7 +239,8 @@ class Trainer:
         lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=start, device=device))
         extra = (
             iter(labeled_loader(cfg, self.extra_labeled[0], self.extra_labeled[1], start_step=start, device=device,
-                                stream="pseudo", batch_size=self.tc.unlabeled_batch_size))
+                                stream="pseudo", batch_size=self.tc.unlabeled_batch_size,
+                                unlabeled_aug=bool(cfg.loss.get("st_unlabeled_aug"))))
             if self.extra_labeled is not None else None
         )
 
