@@ -150,12 +150,15 @@ class ScenesConfig:
 
     num_train: int = 2000
     num_val: int = 300
+    # held-out test scenes, evaluated once at the end of a run (test/miou); digits from the held-out pool that no
+    # validation scene uses (dcc/data/digits.py); 0: no test split
+    num_test: int = 600
     image_size: int = 64
     digits_per_image: list[int] = field(default_factory=lambda: [1, 3])
     digit_size: list[int] = field(default_factory=lambda: [24, 40])
     stroke: int = 3  # grey dilation of each 28x28 digit (1: MNIST's own strokes)
     max_overlap: float = 0.25  # largest share of an earlier digit's box a new digit may cover
-    seed: int = 0  # scenes and the three disjoint digit pools
+    seed: int = 0  # scenes and the disjoint digit pools
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
@@ -195,7 +198,9 @@ class DatasetConfig:
 class SplitConfig:
     name: str = MISSING  # 1_16, 1_8, 1_4, full
     fraction: float = MISSING  # share of the training images that keep their labels
-    seed: int = 42
+    # which images keep their labels; follows trainer.seed, so that a replicate (trainer.seed=r) varies the labeled
+    # subset with the training seed (ignored with split.labeled_list, a fixed subset)
+    seed: int = II("trainer.seed")
     index: int = 0  # which of the random lists drawn with this seed (the authors published three per split)
     labeled_list: Optional[str] = None  # list file of the labeled images (authors' pairs or bare ids)
     unlabeled_list: Optional[str] = None  # list file of the unlabeled images (default: every other image)
@@ -265,7 +270,9 @@ class LossConfig:
     weak: bool = False  # Eq. 10-11: the image-level classifier C_w on both unlabeled views (needs image labels)
     weak_weight: float = 0.4  # lambda_w (the authors' unused flag defaulted to 0.4)
     teacher_checkpoint: Optional[str] = None  # st: skip the teacher phase
-    st_threshold: float = 0.0  # st: pseudo-labels below this confidence are ignored
+    st_threshold: float = 0.0  # st: pseudo-labels below this confidence are ignored (rule: conf/loss/st.yaml)
+    # st: the pseudo-labeled images get the photometric augmentation of CAC's unlabeled views (dataset.unlabeled_*)
+    st_unlabeled_aug: bool = False
 
 
 @dataclass
@@ -411,6 +418,7 @@ def _validate_loss(loss: Any, method: Method, ds: Any) -> None:
     _check(loss.selected_num > 0, f"loss.selected_num must be > 0, got {loss.selected_num}")
     _check(loss.bank_steps >= 0, f"loss.bank_steps must be >= 0, got {loss.bank_steps}")
     _check(loss.start_step >= 0, f"loss.start_step must be >= 0, got {loss.start_step}")
+    _check(0.0 <= loss.st_threshold < 1.0, f"loss.st_threshold must be in [0, 1), got {loss.st_threshold}")
 
 
 def _validate_split(split: Any) -> None:

@@ -13,7 +13,8 @@
 #   paper         the paper's setting: the preset conf/experiment/$EXPERIMENT.yaml (default
 #                 voc_deeplabv3plus_r50: Pascal VOC, DeepLabv3+ ResNet-50, the authors' schedule); add the
 #                 data and weights (dataset.root=... backbone.weights=...) and a launcher (hydra/launcher=slurm)
-#   SEEDS=1,2,3   environment variable: every job of the sweep for each of these seeds
+#   SEEDS=1,2,3   environment variable: every job of the sweep for each of these seeds (replicates: trainer.seed,
+#                 which split.seed follows, so each replicate has its own labeled subset, shared by every arm)
 #   PYTHON=...    the interpreter (default: python)
 #
 # Any override can follow, e.g. hydra/launcher=slurm, hydra/launcher=local hydra.sweeper.max_batch_size=2,

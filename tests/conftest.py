@@ -24,6 +24,7 @@ TINY = [
     "segnet.low_level_channels=16",
     "dataset.scenes.num_train=48",
     "dataset.scenes.num_val=6",
+    "dataset.scenes.num_test=8",
     "dataset.scenes.image_size=48",
     "dataset.scenes.pretrain.steps=0",
     "dataset.base_size=48",

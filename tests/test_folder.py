@@ -149,3 +149,19 @@ def test_two_training_steps_log_per_class_iou_under_the_class_names(folder_root,
     assert logged and logged <= {f"val/iou/{c}" for c in FOLDER_CLASSES}
     assert "val/iou/tree top" in logged  # bands of every class are in the validation masks
     assert r.data.params["split_manifest/num_labeled"] == "2" and r.data.params["split_manifest/num_unlabeled"] == "7"
+
+
+def test_optional_test_split_needs_a_mask_for_every_image(folder_root):
+    assert build_data(_cfg(folder_root)).test is None  # no images/test: no test split
+    (folder_root / "images" / "test").mkdir()
+    (folder_root / "masks" / "test").mkdir()
+    for name in FOLDER_VAL:  # the validation files, copied as test images
+        (folder_root / "images" / "test" / f"t_{name}.png").write_bytes(
+            next((folder_root / "images" / "val").glob(f"{name}.*")).read_bytes())
+        (folder_root / "masks" / "test" / f"t_{name}.png").write_bytes((folder_root / "masks" / "val" / f"{name}.png").read_bytes())
+    data = build_data(_cfg(folder_root))
+    assert data.test is not None and data.test.ids == [f"t_{n}" for n in FOLDER_VAL]
+    np.testing.assert_array_equal(data.test.load(0)[1], data.val.load(0)[1])
+    (folder_root / "masks" / "test" / f"t_{FOLDER_VAL[0]}.png").unlink()
+    with pytest.raises(LayoutError, match="1 test images have no mask"):
+        build_data(_cfg(folder_root))

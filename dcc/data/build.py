@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +27,8 @@ from dcc.data.digits import load_digit_scenes
 from dcc.data.files import DataError
 from dcc.data.splits import choose_split
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class DataBundle:
@@ -34,10 +37,20 @@ class DataBundle:
     labeled: np.ndarray  # indices into train that keep their labels
     unlabeled: np.ndarray  # indices into train used without labels
     image_labels: np.ndarray | None = None  # float [len(train), num_classes - 1] with dataset.image_labels=true
+    # the held-out test images (digits: dataset.scenes.num_test > 0; folder: images/test + masks/test), or None;
+    # read once, at the end of a run (dcc/engine/trainer.py Trainer.finish), never by a choice
+    test: Any = None
 
 
 def load_sources(cfg: Any) -> tuple[Any, Any]:
     """(train, val) sources of ``dataset.name``; a missing or incomplete root fails here, naming the layout."""
+    train, val, _ = load_all_sources(cfg)
+    return train, val
+
+
+def load_all_sources(cfg: Any) -> tuple[Any, Any, Any]:
+    """(train, val, test) sources of ``dataset.name``; test is None where the dataset has no test split with labels
+    (VOC, Cityscapes: their test labels are not public; folder without images/test)."""
     ds = cfg.dataset
     name = choice(ds.name, DatasetName)
     if name is DatasetName.digits:
@@ -52,33 +65,35 @@ def load_sources(cfg: Any) -> tuple[Any, Any]:
             stroke=sc.stroke,
             max_overlap=sc.max_overlap,
             seed=sc.seed,
+            num_test=sc.get("num_test", 0),
         )
         return (
             ArraySource(arrays["train_images"], arrays["train_masks"]),
             ArraySource(arrays["val_images"], arrays["val_masks"]),
+            ArraySource(arrays["test_images"], arrays["test_masks"]) if "test_images" in arrays else None,
         )
     if name is DatasetName.voc:
         from dcc.data.voc import load_voc
 
-        return load_voc(ds.root, protocol=choice(ds.protocol, VocProtocol), num_classes=ds.num_classes,
-                        ignore_index=ds.ignore_index)
+        return (*load_voc(ds.root, protocol=choice(ds.protocol, VocProtocol), num_classes=ds.num_classes,
+                          ignore_index=ds.ignore_index), None)
     if name is DatasetName.cityscapes:
         from dcc.data.cityscapes import load_cityscapes
 
-        return load_cityscapes(ds.root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
+        return (*load_cityscapes(ds.root, num_classes=ds.num_classes, ignore_index=ds.ignore_index), None)
     if name is DatasetName.folder:
-        from dcc.data.folder import load_folder, read_classes
+        from dcc.data.folder import load_folder_splits, read_classes
 
         read_classes(ds.root)  # a wrong root fails here naming the layout, before the interpolated num_classes is read
-        return load_folder(ds.root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
+        return load_folder_splits(ds.root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
     raise ValueError(f"dataset.name={name.name} has no loader")  # pragma: no cover - enum is exhaustive
 
 
 def build_data(cfg: Any) -> DataBundle:
     """Sources, the split (``split.labeled_list`` or generated from ``split.seed`` / ``split.index``) and,
     with ``dataset.image_labels=true``, the image-level labels of the training images."""
-    train, val = load_sources(cfg)
-    problems = [p for source in (train, val) for p in getattr(source, "layout_problems", [])]
+    train, val, test = load_all_sources(cfg)
+    problems = [p for source in (train, val, test) for p in getattr(source, "layout_problems", [])]
     if problems:  # e.g. a mask without its image (dataset=folder): a labeled image would silently go unlabeled
         raise DataError(f"{len(problems)} dataset layout problems, the first: {problems[0]} "
                         "(python -m dcc.data.check lists them all)")
@@ -88,7 +103,10 @@ def build_data(cfg: Any) -> DataBundle:
         from dcc.data.image_labels import load_image_labels
 
         image_labels = load_image_labels(cfg, train)
-    return DataBundle(train=train, val=val, labeled=labeled, unlabeled=unlabeled, image_labels=image_labels)
+    if test is None:
+        log.info("dataset=%s has no test split with labels: every result of this run is on the validation set",
+                 cfg.dataset.name)
+    return DataBundle(train=train, val=val, labeled=labeled, unlabeled=unlabeled, image_labels=image_labels, test=test)
 
 
 def _stream_key(seed: int, position: int, stream: str) -> int:
@@ -168,9 +186,17 @@ def _loader(dataset: Dataset, batch_size: int, sampler: StepSampler, cfg: Any, d
 
 def labeled_loader(
     cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device, stream: str = "labeled",
-    batch_size: int | None = None,
+    batch_size: int | None = None, unlabeled_aug: bool = False,
 ) -> DataLoader:
+    """Labeled training batches; ``unlabeled_aug``: the photometric augmentation of CAC's unlabeled views
+    (``dataset.unlabeled_color_jitter_p`` / ``unlabeled_grayscale_p`` / ``unlabeled_blur_p``) instead of the labeled
+    images' (self-training's pseudo-labeled images with ``loss.st_unlabeled_aug``)."""
     ds = cfg.dataset
+    photometric = (
+        dict(color_jitter_p=ds.unlabeled_color_jitter_p, grayscale_p=ds.unlabeled_grayscale_p,
+             blur_p=ds.unlabeled_blur_p, blur_kernel=ds.blur_kernel)
+        if unlabeled_aug else dict(color_jitter_p=ds.color_jitter_p)
+    )
     dataset = LabeledDataset(
         source,
         indices.tolist(),
@@ -181,8 +207,8 @@ def labeled_loader(
         mean=list(ds.mean),
         std=list(ds.std),
         flip=ds.flip,
-        color_jitter_p=ds.color_jitter_p,
         ignore_index=ds.ignore_index,
+        **photometric,
     )
     batch = batch_size or cfg.trainer.batch_size
     return _loader(dataset, batch, _sampler(dataset, cfg, stream, start_step, batch), cfg, device)

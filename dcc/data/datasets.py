@@ -120,8 +120,10 @@ class LabeledDataset(Dataset):
     """Labeled images with the authors' augmentation (train) or at native size (eval).
 
     Train: resize (long side random in scale_range x base_size; bicubic image, nearest mask),
-    color jitter with probability ``color_jitter_p``, pad bottom-right to the crop (image with the
-    mean colour, mask with ``ignore_index``), random crop, horizontal flip with p=0.5, normalise.
+    Gaussian blur with probability ``blur_p``, color jitter with probability ``color_jitter_p``, grayscale with
+    probability ``grayscale_p`` (blur and grayscale: 0 unless asked, e.g. self-training's pseudo-labeled images with
+    the unlabeled views' augmentation), pad bottom-right to the crop (image with the mean colour, mask with
+    ``ignore_index``), random crop, horizontal flip with p=0.5, normalise.
     Eval: the native image normalised and its mask.
     """
 
@@ -139,6 +141,9 @@ class LabeledDataset(Dataset):
         flip: bool = True,
         color_jitter_p: float = 0.0,
         ignore_index: int = 255,
+        grayscale_p: float = 0.0,
+        blur_p: float = 0.0,
+        blur_kernel: int = 5,
     ) -> None:
         """See the module docstring; ``mean``/``std`` are in 0..1 units, per RGB channel."""
         self.source = source
@@ -152,7 +157,9 @@ class LabeledDataset(Dataset):
         self.flip = flip
         self.color_jitter_p = color_jitter_p
         self.ignore_index = ignore_index
+        self.grayscale_p, self.blur_p = grayscale_p, blur_p
         self.jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1)
+        self.blur = v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))
 
     def __len__(self) -> int:
         """Number of labeled images."""
@@ -165,9 +172,14 @@ class LabeledDataset(Dataset):
         image, mask = _to_tv(image_np, mask_np)
         if self.train:
             image, mask = _resize(image, mask, _random_long_side(self.base_size, self.scale_range))
-            # Jitter before padding so that padded pixels stay the mean colour (zero once normalised).
+            # Photometric changes before padding so that padded pixels stay the mean colour (zero once normalised);
+            # a probability of 0 draws nothing, so the default stream is that of the jitter alone.
+            if _coin(self.blur_p):
+                image = self.blur(image)
             if _coin(self.color_jitter_p):
                 image = self.jitter(image)
+            if _coin(self.grayscale_p):
+                image = F.rgb_to_grayscale(image, num_output_channels=3)
             image, mask = _pad_to(image, mask, self.crop_size, _mean_fill(self.mean), self.ignore_index)
             h, w = image.shape[-2:]
             y = int(torch.randint(0, h - self.crop_size + 1, ()).item())

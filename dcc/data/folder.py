@@ -34,7 +34,9 @@ LAYOUT = """\
     images/train/<name>.jpg|png   training images
     masks/train/<name>.png        index PNG (palette or grayscale) for the images that have labels; 255 = ignore
     images/val/<name>.jpg|png     validation images
-    masks/val/<name>.png          every validation image needs one"""
+    masks/val/<name>.png          every validation image needs one
+    images/test/<name>.jpg|png    optional: held-out test images, evaluated once at the end of a run (test/miou)
+    masks/test/<name>.png         every test image needs one"""
 HINT = "Set dataset.root=/path/to/data or the environment variable DCC_FOLDER_ROOT (see docs/own-data.md)."
 
 # MLflow metric names (val/iou/<class name>) allow these characters only.
@@ -132,6 +134,14 @@ def _split(base: Path, split: str, problems: list[str]) -> tuple[list[tuple[str,
 def load_folder(root: str | Path | None, *, num_classes: int, ignore_index: int = 255) -> tuple[FileSource, FileSource]:
     """(train, val) sources under ``root``. Each carries ``layout_problems``: masks without images and
     images that share a name (reported by the check command; training refuses to start on them)."""
+    train, val, _ = load_folder_splits(root, num_classes=num_classes, ignore_index=ignore_index)
+    return train, val
+
+
+def load_folder_splits(root: str | Path | None, *, num_classes: int,
+                       ignore_index: int = 255) -> tuple[FileSource, FileSource, FileSource | None]:
+    """(train, val, test) sources under ``root``: test is None without ``images/test`` (every test image needs a
+    mask in ``masks/test``, like a validation image)."""
     names = read_classes(root)
     base = Path(str(root)).expanduser()
     if len(names) != num_classes:
@@ -141,23 +151,27 @@ def load_folder(root: str | Path | None, *, num_classes: int, ignore_index: int 
         if not (base / sub).is_dir():
             raise _layout_error(f"missing {base / sub}", root)
     lut = identity_lut(num_classes, ignore_index)
+    has_test = (base / "images" / "test").is_dir()
+    if has_test and not (base / "masks" / "test").is_dir():
+        raise _layout_error(f"missing {base / 'masks/test'} (images/test is there: every test image needs a mask)", root)
     sources = []
-    for split in ("train", "val"):
+    for split in ("train", "val", "test") if has_test else ("train", "val"):
         problems: list[str] = []
         entries, ids = _split(base, split, problems)
         if not entries:
             raise _layout_error(f"no images (*.jpg, *.jpeg, *.png) in {base / 'images' / split}", root)
-        if split == "val":
+        if split != "train":
             unlabeled = [img for img, mask in entries if mask is None]
             if unlabeled:
-                raise _layout_error(f"{len(unlabeled)} validation images have no mask in {base / 'masks/val'}, "
+                what = "validation" if split == "val" else "test"
+                raise _layout_error(f"{len(unlabeled)} {what} images have no mask in {base / 'masks' / split}, "
                                     f"the first is {base / unlabeled[0]}", root)
         elif not any(mask is not None for _, mask in entries):
             raise _layout_error(f"no training image has a mask in {base / 'masks/train'} (nothing to learn from)", root)
         source = FileSource(base, entries, ids, luts=[lut], ignore_index=ignore_index)
         source.layout_problems = problems
         sources.append(source)
-    return sources[0], sources[1]
+    return sources[0], sources[1], sources[2] if has_test else None
 
 
 def experiment_name(root: str | Path | None) -> str:

@@ -150,9 +150,17 @@ def choose_split(cfg: Any, train: Any) -> tuple[np.ndarray, np.ndarray]:
                 "images; folder: the image has no mask in masks/train)"
             )
         labeled = np.sort(labeled)
+        log.info("split: the labeled subset is fixed by split.labeled_list=%s (%d images): replicates "
+                 "(trainer.seed) vary the training seed only, not the labeled subset", sp.labeled_list, len(labeled))
     else:
         pool = np.flatnonzero(pool_mask)
         labeled = generate_labeled(pool, labeled_count(cfg, len(pool)), int(sp.seed), int(sp.get("index", 0)))
+        if len(labeled) == len(pool):
+            log.info("split: all %d labeled images keep their labels: replicates (trainer.seed) vary the training "
+                     "seed only", len(labeled))
+        else:
+            log.info("split: %d of %d images keep their labels, drawn with split.seed=%s index %s",
+                     len(labeled), len(pool), sp.seed, sp.get("index", 0))
     if sp.get("unlabeled_list"):
         unlabeled = np.sort(resolve_list(sp.unlabeled_list, train))
     else:

@@ -191,6 +191,16 @@ def _log_checkpoint(cfg: DictConfig, tracker: Any, run_dir: Path, model: torch.n
             tracker.log_artifact(path, "checkpoint")
 
 
+_NOT_MEASURED = "not measured (the run finished before runs measured a test split; trainer.resume=restart measures it)"
+
+
+def _test_text(test_miou: float | str | None) -> str:
+    """The test mIoU as printed: its value, or why there is none."""
+    if isinstance(test_miou, str):
+        return test_miou
+    return "n/a (no test split: results are on val)" if test_miou is None else f"{test_miou:.4f}"
+
+
 def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
     from dcc.data.build import build_data
 
@@ -228,6 +238,7 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
     if decision.action == "finished":
         assert decision.result is not None
         if ddp.is_main():
+            print(f"test mIoU: {_test_text(decision.result.get('test_miou', _NOT_MEASURED))}", flush=True)
             _adopt(cfg, launch_dir, decision.result.get("mlflow_run_id"))
         return float(decision.result["final_miou"])
 
@@ -249,8 +260,9 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
             if previous is None:
                 for path in write_split_manifest(manifest, run_dir / "split"):
                     tracker.log_artifact(path, "split")
-        log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images",
-                 run_dir, len(data.labeled), len(data.unlabeled), len(data.val))
+        log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images, %s",
+                 run_dir, len(data.labeled), len(data.unlabeled), len(data.val),
+                 "no test split" if data.test is None else f"{len(data.test)} test images (evaluated once, at the end)")
         if choice(cfg.loss.method, Method) is Method.st:
             result = self_train(cfg, data, device, tracker, run_dir)
         else:
@@ -268,9 +280,11 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
     tracker.finish("FINISHED")
     if not ddp.is_main():
         return float(result.final_miou)
+    test = None if result.test_miou is None else float(result.test_miou)
     resume.write_result(run_dir, {"final_miou": float(result.final_miou), "best_miou": float(result.best_miou),
-                                  "steps": int(result.steps), "mlflow_run_id": tracker.run_id})
-    print(f"final val mIoU: {result.final_miou:.4f} (best {result.best_miou:.4f}) after {result.steps} steps", flush=True)
+                                  "steps": int(result.steps), "mlflow_run_id": tracker.run_id, "test_miou": test})
+    print(f"final val mIoU: {result.final_miou:.4f} (best {result.best_miou:.4f}) after {result.steps} steps; "
+          f"test mIoU: {_test_text(test)}", flush=True)
     print(tracker.describe(), flush=True)
     print(f"run directory: {run_dir}", flush=True)
     return float(result.final_miou)

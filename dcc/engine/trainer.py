@@ -8,7 +8,8 @@ checkpointing as configured, and resuming from ``<state_dir>/last.pt`` when it e
   (the checkpoint: weights, optimiser, bank, per-rank RNG streams);
 * :meth:`Trainer.step`: one update, ``L = L_ce + lambda L_dc (+ lambda_w L_w)``;
 * :meth:`Trainer.after_step`: the interval hooks (log, evaluate, checkpoint, stop on a signal);
-* :meth:`Trainer.finish`: the final evaluation, per-class IoU and the prediction grid.
+* :meth:`Trainer.finish`: the final evaluation, per-class IoU and the prediction grid; then, once, the held-out
+  test split (``test/...``; nothing during training reads it, so no choice can depend on it).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class FitResult:
     best_miou: float
     model: Segmentor
     steps: int
+    test_miou: float | None = None  # the held-out test split, evaluated once in finish (None: no test split)
 
 
 def _autocast(cfg: Any, device: torch.device) -> Callable[[], Any] | None:
@@ -124,12 +126,15 @@ class Trainer:
     extra_labeled: ``(source, indices)`` of pseudo-labeled images, batched ``trainer.unlabeled_batch_size``
     per step beside the labeled batch (self-training's student).
     prefix: prepended to metric names (``teacher/``).
+    test: evaluate ``data.test`` (if any) at the end, under ``test/`` (false: a model that is not the run's result,
+    e.g. self-training's teacher).
     """
 
     def __init__(self, cfg: Any, data: DataBundle, device: torch.device, tracker: Any, state_dir: Path, *,
                  prefix: str = "", method: Method | None = None,
-                 extra_labeled: tuple[Any, np.ndarray] | None = None) -> None:
+                 extra_labeled: tuple[Any, np.ndarray] | None = None, test: bool = True) -> None:
         self.cfg, self.tc, self.data, self.device, self.tracker = cfg, cfg.trainer, data, device, tracker
+        self.test = test
         self.state_dir, self.last, self.prefix, self.extra_labeled = state_dir, state_dir / "last.pt", prefix, extra_labeled
         self.ignore = cfg.dataset.ignore_index
         tc = self.tc
@@ -237,7 +242,8 @@ class Trainer:
         lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=start, device=device))
         extra = (
             iter(labeled_loader(cfg, self.extra_labeled[0], self.extra_labeled[1], start_step=start, device=device,
-                                stream="pseudo", batch_size=self.tc.unlabeled_batch_size))
+                                stream="pseudo", batch_size=self.tc.unlabeled_batch_size,
+                                unlabeled_aug=bool(cfg.loss.get("st_unlabeled_aug"))))
             if self.extra_labeled is not None else None
         )
 
@@ -316,10 +322,10 @@ class Trainer:
                                       for k, v in scalars.items()}, self.progress.step)
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
 
-    def _evaluate(self, keep: int) -> dict[str, Any]:
+    def _evaluate(self, keep: int, loader: Any = None) -> dict[str, Any]:
         ddp.average_buffers(self.model)
-        return evaluate(self.model, self.val, self.cfg.dataset.num_classes, self.device, ignore_index=self.ignore,
-                        autocast=self.autocast, **eval_options(self.cfg), keep=keep)
+        return evaluate(self.model, self.val if loader is None else loader, self.cfg.dataset.num_classes, self.device,
+                        ignore_index=self.ignore, autocast=self.autocast, **eval_options(self.cfg), keep=keep)
 
     def validate(self, is_last: bool) -> None:
         p, pre = self.progress, self.prefix
@@ -356,7 +362,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- finish
     def finish(self) -> FitResult:
-        """Per-class IoU, final and best mIoU, and the prediction grid of the final evaluation."""
+        """Per-class IoU, final and best mIoU, and the prediction grid of the final evaluation; then the test split."""
         cfg, p, pre = self.cfg, self.progress, self.prefix
         final = p.final or self._evaluate(self.tc.num_vis)  # none: resumed from a finished checkpoint
         names = list(cfg.dataset.class_names) or [str(i) for i in range(cfg.dataset.num_classes)]
@@ -371,12 +377,31 @@ class Trainer:
                                         class_names=list(cfg.dataset.class_names) or None,
                                         ignore_index=cfg.dataset.ignore_index, pal=dataset_palette(cfg))
             self.tracker.log_artifact(grid, f"{pre}predictions".rstrip("/"))
-        return FitResult(final_miou=final["miou"], best_miou=p.best, model=self.model, steps=p.step)
+        test = self.evaluate_test(names)
+        return FitResult(final_miou=final["miou"], best_miou=p.best, model=self.model, steps=p.step,
+                         test_miou=None if test is None else test["miou"])
+
+    def evaluate_test(self, names: list[str]) -> dict[str, Any] | None:
+        """The held-out test split, with the validation protocol, once, after the final validation evaluation:
+        ``test/miou``, ``test/pixel_acc`` and ``test/iou/<class>`` (no prefix: it measures the run's result)."""
+        if not self.test or self.data.test is None:
+            return None
+        res = self._evaluate(0, eval_loader(self.cfg, self.data.test, self.device))
+        self.tracker.log_metrics(
+            {f"test/iou/{n}": v for n, v in zip(names, res["iou"]) if not math.isnan(v)}
+            | {"test/miou": res["miou"], "test/pixel_acc": res["pixel_acc"]},
+            self.progress.step,
+        )
+        if ddp.is_main():
+            log.info("step %d: test mIoU %.4f pixel acc %.4f (%d held-out images, evaluated once)",
+                     self.progress.step, res["miou"], res["pixel_acc"], len(self.data.test))
+        return res
 
 
 def fit(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, state_dir: Path, *, prefix: str = "",
-        method: Method | None = None, extra_labeled: tuple[Any, np.ndarray] | None = None) -> FitResult:
+        method: Method | None = None, extra_labeled: tuple[Any, np.ndarray] | None = None, test: bool = True) -> FitResult:
     """Train one model (see :class:`Trainer` for the keyword arguments)."""
-    trainer = Trainer(cfg, data, device, tracker, state_dir, prefix=prefix, method=method, extra_labeled=extra_labeled)
+    trainer = Trainer(cfg, data, device, tracker, state_dir, prefix=prefix, method=method, extra_labeled=extra_labeled,
+                      test=test)
     trainer.restore()
     return trainer.train()

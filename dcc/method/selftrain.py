@@ -27,6 +27,7 @@ class SubsetSource:
 
     def __init__(self, base: Any, indices: np.ndarray, masks: list[np.ndarray] | None = None) -> None:
         self.base, self.indices, self.masks = base, indices, masks
+        self.kept: float | None = None  # pseudo-labels: the share of pixels at or above loss.st_threshold
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -42,12 +43,17 @@ def pseudo_label(model: Segmentor, cfg: Any, data: DataBundle, device: torch.dev
     model.eval()
     loader = eval_loader(cfg, SubsetSource(data.train, data.unlabeled), device, sharded=False)
     masks: list[np.ndarray] = []
+    kept = torch.zeros((), dtype=torch.float64)
     for image, _ in loader:
         prob = predict_whole(model, image.to(device)).softmax(1)
         conf, label = prob.max(1)
-        label[conf < cfg.loss.st_threshold] = cfg.dataset.ignore_index
+        low = conf < cfg.loss.st_threshold
+        label[low] = cfg.dataset.ignore_index
+        kept += (~low).sum().cpu()
         masks.extend(label.to(torch.uint8).cpu().numpy())
-    return SubsetSource(data.train, data.unlabeled, masks)
+    source = SubsetSource(data.train, data.unlabeled, masks)
+    source.kept = float(kept) / max(1, sum(m.size for m in masks))
+    return source
 
 
 def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, run_dir: Path) -> FitResult:
@@ -58,8 +64,13 @@ def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, r
         teacher.load_state_dict(state.get("model", state))
         log.info("self-training: teacher from %s", cfg.loss.teacher_checkpoint)
     else:
-        teacher = fit(cfg, data, device, tracker, run_dir / "teacher", prefix="teacher/", method=Method.suponly).model
+        teacher = fit(cfg, data, device, tracker, run_dir / "teacher", prefix="teacher/", method=Method.suponly,
+                      test=False).model  # the test split measures the student (the run's result) only
     pseudo = pseudo_label(teacher, cfg, data, device)
     del teacher
+    tracker.log_metrics({"st/pseudo_kept": pseudo.kept}, 0)
+    log.info("self-training: %.1f %% of the unlabeled pixels keep a pseudo-label (loss.st_threshold=%s)%s",
+             100 * pseudo.kept, cfg.loss.st_threshold,
+             "; the pseudo-labeled images get the unlabeled views' augmentation" if cfg.loss.get("st_unlabeled_aug") else "")
     return fit(cfg, data, device, tracker, run_dir, method=Method.suponly,
                extra_labeled=(pseudo, np.arange(len(pseudo))))
