@@ -132,6 +132,9 @@ case "$cmd" in
     stop) stop_all; say "stopped (state kept in $dir)" ;;
     status)
         export SLURM_CONF="$conf"
+        if ! pid_alive "$dir/slurmctld.pid"; then  # sinfo would wait a minute for a controller that is not there
+            die "the local cluster is not running (no slurmctld for $conf): start it with $0 start"
+        fi
         sinfo && squeue ;;
     *) die "usage: $0 start|stop|status" ;;
 esac

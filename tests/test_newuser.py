@@ -320,3 +320,29 @@ def test_a_run_killed_during_the_pretraining_leaves_no_mlflow_run_running(tiny_o
     err = capsys.readouterr().err
     assert "once for this backbone" in err and "dataset.scenes.pretrain.steps=0" in err and "backbone.weights=PATH" in err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------- late failures made one line at start (item 7)
+def test_a_cuda_device_without_a_gpu_is_one_line_at_start(tmp_path, monkeypatch):
+    import torch
+
+    from tests.test_robust import run_py
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_py(["trainer.device=cuda", f"dataset.root={tmp_path / 'data'}", f"trainer.runs_root={tmp_path / 'runs'}"],
+                  cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: trainer.device=cuda: no CUDA device is visible on this machine; use trainer.device=cpu (or auto), "
+        "or run on a GPU node (hydra/launcher=slurm)")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_slurm_launcher_without_a_cluster_is_one_line_at_start(tmp_path):
+    from tests.test_robust import run_py
+
+    proc = run_py(["-m", "hydra/launcher=slurm", "trainer.max_steps=2", f"dataset.root={tmp_path / 'data'}"],
+                  cwd=tmp_path, env={"SLURM_CONF": str(tmp_path / "no-cluster.conf")})  # no sbatch, or no controller
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: hydra/launcher=slurm: ")
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "mlflow.db").exists()

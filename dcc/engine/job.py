@@ -239,6 +239,10 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
         assert decision.result is not None
         if ddp.is_main():
             print(f"test mIoU: {_test_text(decision.result.get('test_miou', _NOT_MEASURED))}", flush=True)
+            if ddp.world_size() > 1:
+                print(f"(the run directory does not depend on the number of processes: {ddp.world_size()} processes "
+                      "compute what one computes (docs/several-gpus.md), so this finished run is this config's "
+                      "result; trainer.resume=restart trains it again)", flush=True)
             _adopt(cfg, launch_dir, decision.result.get("mlflow_run_id"))
         return float(decision.result["final_miou"])
 

@@ -118,9 +118,24 @@ def tracking_source(cfg: Any, launch_dir: Path) -> tuple[str, str] | None:
     return default_tracking_uri(launch_dir), "the default store"
 
 
+def check_device(cfg: Any) -> None:
+    """``trainer.device`` names a device this machine has (a CUDA device asked for on a machine without one)."""
+    import torch
+
+    name = str(cfg.trainer.device)
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PreflightError(f"trainer.device={name}: no CUDA device is visible on this machine; use "
+                                 "trainer.device=cpu (or auto), or run on a GPU node (hydra/launcher=slurm)")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise PreflightError(f"trainer.device={name}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
 def check(cfg: Any, launch_dir: Path, run_dir: Path | None = None) -> None:
     """Everything a training run needs that can be checked before data is loaded."""
     check_resolves(cfg)
+    check_device(cfg)
     check_weights(cfg)
     found = tracking_source(cfg, launch_dir)
     if found is not None:

@@ -70,6 +70,25 @@ def sweep_key(cfg: DictConfig) -> str | None:
     return None
 
 
+def slurm_problem() -> str | None:
+    """Why SLURM jobs cannot be submitted from here (no ``sbatch``, no controller answering), or None."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") is None:
+        return ("no sbatch on this machine: run the sweep on a SLURM login node, or start the one-node cluster "
+                "(bash scripts/local_slurm.sh start) and export the SLURM_CONF it prints")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the SLURM controller does not answer (scontrol ping: {exc})"
+    if ping.returncode != 0 or "DOWN" in ping.stdout:
+        said = (ping.stdout + ping.stderr).strip().splitlines()
+        return (f"the SLURM controller does not answer (scontrol ping: {said[-1] if said else ping.returncode}); "
+                "check SLURM_CONF, or start the local cluster (bash scripts/local_slurm.sh start)")
+    return None
+
+
 class MLflowSweepParent(Callback):
     def __init__(self, report: bool = True) -> None:
         self.report = report
@@ -91,6 +110,10 @@ class MLflowSweepParent(Callback):
                           "visible_gpus": list(gpus) if gpus is not None else None})
         except ValueError as exc:
             stop_sweep(str(exc))
+        if str(_get(config, "hydra.launcher._target_", "")).endswith("SlurmLauncher"):
+            problem = slurm_problem()
+            if problem:
+                stop_sweep(f"hydra/launcher=slurm: {problem}")
         self._previous_keys = os.environ.get(SWEPT_KEYS_ENV)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))  # the jobs name their runs after these values
         if str(_get(config, "logger.name", "mlflow")) == "none":
