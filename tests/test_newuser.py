@@ -346,3 +346,51 @@ def test_the_slurm_launcher_without_a_cluster_is_one_line_at_start(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: hydra/launcher=slurm: ")
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# ----------------------------------------------------------- bad folder data found at start (item 6)
+@pytest.mark.parametrize("damage", ["mask_size", "label_value", "unreadable_image"])
+def test_bad_folder_files_fail_the_start_naming_the_file(damage, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from dcc.data.build import build_data
+    from dcc.data.files import DataError
+    from tests.realdata import FOLDER_LABELED, FOLDER_UNLABELED, folder_label, make_folder
+
+    monkeypatch.setenv("DCC_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "mine")
+    cfg = _folder_cfg(root, tmp_path)
+    build_data(cfg)  # clean: passes (and is remembered)
+    if damage == "mask_size":
+        bad, says = root / "masks/train" / f"{FOLDER_LABELED[1]}.png", "label is 24x20 but its image"
+        Image.fromarray(np.zeros((20, 24), np.uint8)).save(bad)
+    elif damage == "label_value":
+        bad, says = root / "masks/train" / f"{FOLDER_LABELED[0]}.png", "label values outside the class range"
+        label = folder_label(0)
+        label[0, :3] = 9
+        Image.fromarray(label).save(bad)
+    else:
+        bad = next((root / "images/train").glob(f"{FOLDER_UNLABELED[0]}.*"))
+        bad.write_bytes(b"not an image")
+        says = "cannot read image"
+    with pytest.raises(DataError) as err:
+        build_data(_folder_cfg(root, tmp_path))
+    assert str(err.value).startswith(f"1 broken files in the dataset, the first: {bad}: ") and says in str(err.value)
+
+
+def test_images_far_larger_than_the_crop_are_warned_about_once(tmp_path, monkeypatch, caplog):
+    import numpy as np
+    from PIL import Image
+
+    from dcc.data.build import build_data
+    from tests.realdata import FOLDER_UNLABELED, make_folder
+
+    monkeypatch.setenv("DCC_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "mine")
+    huge = next((root / "images/train").glob(f"{FOLDER_UNLABELED[0]}.*"))
+    Image.fromarray(np.zeros((900, 1200, 3), np.uint8)).save(huge)
+    with caplog.at_level("WARNING"):
+        build_data(_folder_cfg(root, tmp_path))
+    (warning,) = [r.getMessage() for r in caplog.records if "far larger" in r.getMessage()]
+    assert f"{huge}, is 1200 px" in warning and "longest side over 192 px" in warning

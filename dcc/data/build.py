@@ -97,6 +97,15 @@ def build_data(cfg: Any) -> DataBundle:
     if problems:  # e.g. a mask without its image (dataset=folder): a labeled image would silently go unlabeled
         raise DataError(f"{len(problems)} dataset layout problems, the first: {problems[0]} "
                         "(python -m dcc.data.check lists them all)")
+    if str(cfg.dataset.name) == "folder":  # your own files: every one checked now, not when a batch draws it
+        from dcc.data.folder import scan
+
+        for warning in scan({"train": train, "val": val, "test": test},
+                            largest_side=4 * max(int(cfg.dataset.base_size), int(cfg.dataset.crop_size))):
+            log.warning(warning)
+    elif str(cfg.dataset.name) in ("voc", "cityscapes"):
+        log.info("dataset=%s: files are checked as they are read (python -m dcc.data.check checks them all now)",
+                 cfg.dataset.name)
     labeled, unlabeled = choose_split(cfg, train)
     image_labels = None
     if cfg.dataset.get("image_labels"):

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from dcc.data.files import FileSource, LayoutError, identity_lut, list_dir
+from dcc.data.files import DataError, FileSource, LayoutError, identity_lut, list_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = ".png"
@@ -199,3 +200,71 @@ def fingerprint(root: str | Path) -> str:
                     if entry.is_file():
                         digest.update(f"{kind}/{folder.name}/{entry.name}:{entry.stat().st_size}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _check_entry(source: FileSource, i: int) -> tuple[tuple[int, int] | None, str | None]:
+    """``((width, height) of the image or None, problem or None)`` of item ``i``: the image's header and, for a
+    labeled item, its whole mask (values and size)."""
+    from PIL import Image
+
+    path = source.image_path(i)
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for a damaged file
+        return None, f"{path}: cannot read image ({type(exc).__name__}: {exc})"
+    if source.label_path(i) is None:
+        return size, None
+    try:
+        mask = source.read_label(i)
+    except DataError as exc:  # names the file and what is wrong
+        return size, str(exc)
+    except Exception as exc:  # noqa: BLE001
+        return size, f"{source.label_path(i)}: cannot read label ({type(exc).__name__}: {exc})"
+    if mask is not None and (mask.shape[1], mask.shape[0]) != size:
+        return size, (f"{source.label_path(i)}: label is {mask.shape[1]}x{mask.shape[0]} but its image {path} is "
+                      f"{size[0]}x{size[1]}")
+    return size, None
+
+
+def scan(sources: dict[str, FileSource | None], *, largest_side: int) -> list[str]:
+    """Check every file of a folder dataset before a run starts, as ``python -m dcc.data.check`` would: images by
+    their headers, masks whole (values, size). Raises :class:`DataError` with the count and the first problem;
+    returns warnings (images far larger than the training resolution). A clean result is remembered under
+    ``$DCC_CACHE/folder-checks/<key of every file's path, size and modification time>``, so a data set is read
+    once, not at every start, and again whenever a file changes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = hashlib.sha256()
+    for source in sources.values():
+        for i in range(len(source) if source is not None else 0):
+            for path in (source.image_path(i), source.label_path(i)):
+                if path is not None:
+                    st = path.stat()
+                    key.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    cache = Path(os.environ.get("DCC_CACHE") or Path.home() / ".cache" / "dcc").expanduser() / "folder-checks"
+    done = cache / key.hexdigest()[:24]
+    if done.exists():
+        return json.loads(done.read_text())
+    problems, big = [], []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for name, source in sources.items():
+            if source is None:
+                continue
+            for i, (size, problem) in enumerate(pool.map(lambda i, s=source: _check_entry(s, i), range(len(source)))):
+                if problem:
+                    problems.append(problem)
+                elif size is not None and max(size) > largest_side:
+                    big.append((max(size), str(source.image_path(i))))
+    if problems:
+        raise DataError(f"{len(problems)} broken files in the dataset, the first: {problems[0]} "
+                        "(python -m dcc.data.check lists them all)")
+    warnings = []
+    if big:
+        side, path = max(big)
+        warnings.append(f"{len(big)} images are far larger than the training resolution (longest side over "
+                        f"{largest_side} px; the largest, {path}, is {side} px): each is decoded whole at every draw, "
+                        "which costs time and memory; downscale them once (the masks with nearest-neighbour)")
+    cache.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(warnings))
+    return warnings
