@@ -198,6 +198,7 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
     from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
     from dcc.method.selftrain import self_train
     from dcc.engine.trainer import fit
+    from dcc.sweeps.trial_link import TrialPruned
 
     decision = resume.decide(run_dir, resume.resume_mode(cfg))
     ddp.barrier()  # every rank has looked before rank 0 moves anything
@@ -238,6 +239,13 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
             result = fit(cfg, data, device, tracker, run_dir)
         if ddp.is_main():
             _log_checkpoint(cfg, tracker, run_dir, result.model)
+    except TrialPruned as pruned:  # the Optuna study stopped this trial: a clean end, its checkpoint kept
+        tracker.set_tags({"pruned": "true", "pruned_at_step": str(pruned.step)})
+        tracker.finish("KILLED")  # like a preempted run: not in the tables; the same command continues it
+        if ddp.is_main():
+            print(f"{pruned} (val mIoU {pruned.value:.4f}): checkpoint kept in {run_dir}; continue it with "
+                  f"{resume.continue_command()}", flush=True)
+        return float(pruned.value)
     except (KeyboardInterrupt, SystemExit):
         tracker.finish("KILLED")  # preempted or interrupted: the same command (or a requeue) continues it
         _drop_if_empty(run_dir, created)
