@@ -286,3 +286,57 @@ def test_a_killed_study_continues_to_exactly_n_trials_without_running_a_trial_tw
             assert trials[number].state == TrialState.PRUNED
     # the first process asked for len(seen) trials; the second only for the rest
     assert launched == {k for k, (s, _, m) in seen.items() if s == TrialState.RUNNING and not m} | set(range(len(seen), n))
+
+
+# --- through run.py ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, culprit", [
+    ("hydra.sweeper.replicates=0", "error: hydra.sweeper.replicates=0: "),
+    ("hydra.sweeper.pruner={_target_:optuna.pruners.MedianPrunr}",
+     "error: hydra.sweeper.pruner._target_=optuna.pruners.MedianPrunr: not an Optuna pruner"),
+    ("hydra.sweeper.pruner={_target_:optuna.pruners.MedianPruner}", "error: hydra.sweeper.pruner with BasicLauncher: "),
+])
+def test_run_py_refuses_a_bad_pruner_or_replicates_in_one_line_before_anything_is_written(tmp_path, override, culprit):
+    from tests.test_optuna import SEARCH
+    from tests.test_sweep_parent import run_py
+
+    proc = run_py(["-m", SEARCH, override, f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path,
+                  timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(culprit), proc.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_a_pruned_training_job_ends_cleanly_with_its_checkpoint_and_a_tagged_mlflow_run(tiny_overrides, tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_optuna import SEARCH
+    from tests.test_sweep_parent import run_py, sweep_overrides, tracking_uri
+
+    # every trial is below the threshold at step 6 (its second evaluation): pruned there, its job stops at step 7
+    over = [o for o in sweep_overrides(tiny_overrides) if not o.startswith("trainer.")] + [
+        o for o in tiny_overrides if o.startswith("trainer.") and "max_steps" not in o and "eval_every" not in o]
+    args = ["-m", SEARCH, "hydra/launcher=local", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.study_name=p", "hydra.sweeper.poll_interval=0.1",
+            "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:0.99,n_warmup_steps:6}",
+            *over, "trainer.max_steps=30", "trainer.eval_every=3", "trainer.log_every=1"]
+    proc = run_py(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _load(tmp_path, "p").trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all(t.user_attrs["pruned_at_step"] == 6 and sorted(t.intermediate_values) == [3, 6] for t in trials)
+    assert all(6 < t.user_attrs["steps"][0] < 9 for t in trials)  # within one evaluation interval
+    client = MlflowClient(tracking_uri=tracking_uri(over))
+    exp = client.get_experiment_by_name("digits")
+    runs = client.search_runs([exp.experiment_id], "tags.pruned = 'true'")
+    assert len(runs) == 2 and all(r.info.status == "KILLED" and r.data.tags["pruned_at_step"] == "6" for r in runs)
+    run_dirs = [p for p in (tmp_path / "runs" / "digits").iterdir() if p.is_dir()]
+    assert len(run_dirs) == 2
+    for d in run_dirs:  # checkpoint kept, not marked finished: the same command continues it
+        assert (d / "last.pt").exists() and not (d / "result.json").exists()
+    for f in tmp_path.glob("multirun/*/*/trials/*/replicate-0.json"):
+        assert json.loads(f.read_text())["pruned"] is True
+    assert proc.stdout.count("PRUNED at step 6") == 2

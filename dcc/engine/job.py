@@ -159,6 +159,18 @@ def _adopt(cfg: DictConfig, launch_dir: Path, run_id: str | None) -> None:
         log.warning("could not add the finished run %s to this sweep (%s)", run_id, exc)
 
 
+def _job_command() -> str:
+    """``python run.py <this job's overrides>`` (a sweep's job), else the command that continues this run."""
+    try:
+        import shlex
+
+        from hydra.core.hydra_config import HydraConfig
+
+        return shlex.join(["python", "run.py", *HydraConfig.get().overrides.task])
+    except Exception:  # noqa: BLE001 - not under Hydra
+        return resume.continue_command()
+
+
 def _drop_if_empty(run_dir: Path, created: bool) -> None:
     """A run directory made by this attempt that holds no checkpoint yet is removed when the attempt fails."""
     if created and ddp.is_main() and run_dir.exists() and not any(run_dir.rglob("*.pt")):
@@ -240,11 +252,11 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
         if ddp.is_main():
             _log_checkpoint(cfg, tracker, run_dir, result.model)
     except TrialPruned as pruned:  # the Optuna study stopped this trial: a clean end, its checkpoint kept
-        tracker.set_tags({"pruned": "true", "pruned_at_step": str(pruned.step)})
+        tracker.set_tags({"pruned": "true", "pruned_at_step": str(pruned.step), "steps_trained": str(pruned.stopped)})
         tracker.finish("KILLED")  # like a preempted run: not in the tables; the same command continues it
         if ddp.is_main():
-            print(f"{pruned} (val mIoU {pruned.value:.4f}): checkpoint kept in {run_dir}; continue it with "
-                  f"{resume.continue_command()}", flush=True)
+            print(f"{pruned}, val mIoU {pruned.value:.4f}: checkpoint kept in {run_dir}; continue it with "
+                  f"{_job_command()}", flush=True)
         return float(pruned.value)
     except (KeyboardInterrupt, SystemExit):
         tracker.finish("KILLED")  # preempted or interrupted: the same command (or a requeue) continues it

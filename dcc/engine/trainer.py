@@ -291,7 +291,8 @@ class Trainer:
             if self.trial is not None and ddp.is_main():
                 self.trial.report(step, self.progress.history, tc.max_steps, pruned=True)
             self.bar.close()
-            raise TrialPruned(step, self.progress.history[-1][1] if self.progress.history else float("nan"))
+            at = self.trial.pruned_at(step) if self.trial is not None else step
+            raise TrialPruned(at, self.progress.history[-1][1] if self.progress.history else float("nan"), step)
         if stop:
             if ddp.is_main():
                 self.bar.write(f"{self.prefix}{signal.Signals(self.guard.signum).name}: checkpoint written at step "

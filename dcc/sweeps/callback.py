@@ -90,6 +90,12 @@ class MLflowSweepParent(Callback):
                           "visible_gpus": list(gpus) if gpus is not None else None})
         except ValueError as exc:
             stop_sweep(str(exc))
+        try:  # the Optuna sweeper's pruner, replicates and launcher, likewise
+            from dcc.sweeps.optuna_sweeper import check_hydra_config
+
+            check_hydra_config(config)
+        except ValueError as exc:
+            stop_sweep(str(exc))
         self._previous_keys = os.environ.get(SWEPT_KEYS_ENV)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))  # the jobs name their runs after these values
         if str(_get(config, "logger.name", "mlflow")) == "none":

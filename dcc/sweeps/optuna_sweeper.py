@@ -132,6 +132,26 @@ def replicate_list(replicates: Any, values: Any) -> list[Any]:
     return values
 
 
+def check_hydra_config(config: DictConfig) -> None:
+    """The checks of :class:`StudySweeper` on a composed config, before Hydra builds sweeper and launcher (the sweep
+    callback calls it, so that nothing is written before a bad value is refused)."""
+    sweeper = OmegaConf.select(config, "hydra.sweeper", default=None)
+    if sweeper is None or not str(sweeper.get("_target_", "")).endswith("OptunaStudySweeper"):
+        return
+    make_pruner(sweeper.get("pruner"))
+    replicate_list(sweeper.get("replicates", 1), sweeper.get("replicate_values"))
+    if sweeper.get("pruner") is not None:
+        launcher = OmegaConf.select(config, "hydra.launcher", default=None) or {}
+        target = str(launcher.get("_target_", ""))
+        concurrent = target.endswith("SlurmLauncher") or (target.endswith("dcc_plugins.launcher.LocalLauncher")
+                                                          and not launcher.get("visible_gpus"))
+        if not concurrent:
+            raise SweeperConfigError(
+                f"hydra.sweeper.pruner with {target.rsplit('.', 1)[-1] or 'this launcher'}: pruning needs a launcher "
+                "that runs trials asynchronously (hydra/launcher=local without visible_gpus, or hydra/launcher=slurm), "
+                "or hydra.sweeper.pruner=null")
+
+
 @dataclass
 class _Run:
     """One trial being run: its jobs (one per replicate) share ``dir``, where they report."""

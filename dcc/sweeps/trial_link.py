@@ -30,9 +30,10 @@ STOP_FILE = "PRUNE"
 class TrialPruned(Exception):
     """Raised in a job whose trial the study pruned, after its checkpoint is written (not an error)."""
 
-    def __init__(self, step: int, value: float) -> None:
-        super().__init__(f"pruned by the Optuna study at step {step}")
-        self.step, self.value = step, value
+    def __init__(self, step: int, value: float, stopped: int | None = None) -> None:
+        stopped = step if stopped is None else stopped
+        super().__init__(f"pruned by the Optuna study at step {step} (stopped at step {stopped})")
+        self.step, self.value, self.stopped = step, value, stopped
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -62,6 +63,13 @@ class TrialLink:
 
     def stop_requested(self) -> bool:
         return self._stop.exists()
+
+    def pruned_at(self, default: int) -> int:
+        """The step whose value made the study prune the trial (from the stop file)."""
+        try:
+            return int(json.loads(self._stop.read_text())["pruned_at_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return default
 
 
 # ------------------------------------------------------------------------------------------ the sweeper's side
