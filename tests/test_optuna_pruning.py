@@ -113,7 +113,7 @@ def test_the_pruner_stops_the_trials_below_it_at_the_step_it_should_and_their_sl
     # ThresholdPruner(lower=0.5, n_warmup_steps=20): a trial below 0.5 is pruned at step 20 (its second
     # evaluation) whatever the order in which trials end; the others run to step 60.
     levels = [0.9, 0.1, 0.2, 0.8, 0.3, 0.7]
-    launcher = CurveLauncher(_level, max_steps=60, eval_every=10, step_s=0.02)
+    launcher = CurveLauncher(_level, max_steps=60, eval_every=10, step_s=0.03)
     sweeper = _sweeper(tmp_path, launcher, study_name="t", n_trials=6, n_jobs=2, params={"w": "interval(0, 1)"},
                        enqueue=[{"w": w} for w in levels],
                        pruner={"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5, "n_warmup_steps": 20})
@@ -262,9 +262,10 @@ def test_a_killed_study_continues_to_exactly_n_trials_without_running_a_trial_tw
         marked = [t for t in trials if t.state == TrialState.RUNNING and "pruned_at_step" in t.user_attrs]
         if marked and any(t.state == TrialState.COMPLETE for t in trials):
             os.kill(first.pid, signal.SIGKILL)
-            seen = {t.number: (t.state, dict(t.params), "pruned_at_step" in t.user_attrs) for t in trials}
+            first.wait(30)
+            seen = {t.number: (t.state, dict(t.params), "pruned_at_step" in t.user_attrs)
+                    for t in _load(tmp_path, "k").get_trials(deepcopy=False)}  # as the kill left it
             break
-    first.wait(30)
     assert seen is not None, "the study never had a pruned trial whose jobs were still stopping"
     assert any(s == TrialState.RUNNING for s, _, _ in seen.values())
 
@@ -340,3 +341,33 @@ def test_a_pruned_training_job_ends_cleanly_with_its_checkpoint_and_a_tagged_mlf
     for f in tmp_path.glob("multirun/*/*/trials/*/replicate-0.json"):
         assert json.loads(f.read_text())["pruned"] is True
     assert proc.stdout.count("PRUNED at step 6") == 2
+
+
+# --- the study report --------------------------------------------------------------------------------------------
+
+def test_the_study_report_numbers_every_trial_marks_baseline_and_best_and_counts_the_steps(tmp_path, capsys, monkeypatch):
+    from dcc.sweeps.report import main
+
+    # baseline 0.6, a pruned trial (0.2), the best (0.7) and a middle one; two replicates (seeds 1, 2) each
+    launcher = CurveLauncher(_level, max_steps=40, eval_every=10, step_s=0.005)
+    sweeper = _sweeper(tmp_path, launcher, study_name="lambda_gamma_tau-digits-x", n_trials=4, n_jobs=2,
+                       params={"w": "interval(0, 1)"}, enqueue=[{"w": w} for w in (0.6, 0.2, 0.7, 0.65)],
+                       replicates=2, pruner={"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5})
+    sweeper.sweep(["x=7"])
+    monkeypatch.chdir(tmp_path)  # the launch directory: optuna.db is found there; no mlflow.db: nothing logged
+    assert main(["lambda_gamma_tau", "--out", "rep"]) == 0  # the sweep's name finds its latest study
+    text = capsys.readouterr().out
+    assert "## Optuna study lambda_gamma_tau-digits-x" in text and "2 replicates per trial (trainer.seed = 1, 2" in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    assert rows["0"][:3] == ["baseline", "COMPLETE", "0.6150"] and rows["0"][3] == "40+40"
+    assert rows["1"][:2] == ["", "PRUNED at 10"]
+    assert all(10 <= int(s) < 40 for s in rows["1"][3].split("+"))  # stopped early (how soon: the first test)
+    assert rows["2"][:2] == ["best", "COMPLETE"] and rows["2"][-1] == "1: 0.7100, 2: 0.7200"
+    assert "reproduce: `python run.py -m w=0.7 x=7 trainer.seed=1,2`" in text
+    assert "lead of trial 2 over the baseline (trial 0), paired over 2 replicates (1, 2): +10.00 points" in text
+    assert "larger than the noise" in text
+    trained = sum(j["step"] for j in launcher.jobs)
+    assert f"Steps trained: {trained:,} of 320 = **{100 * trained / 320:.1f}%**" in text
+    for name in ("study.md", "trials.csv", "history.png", "slice.png", "intermediate.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0

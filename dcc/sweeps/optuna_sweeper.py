@@ -517,6 +517,7 @@ class StudySweeper(Sweeper):
         if run.prune_step is not None:
             steps, max_steps = self._steps(run, complete=False)
             trial.set_user_attr("steps", steps)
+            trial.set_user_attr("max_steps", max_steps)
             self._tell(study, trial, None, TrialState.PRUNED)
             log.info("trial %d: PRUNED at step %d (its jobs stopped at steps %s of %s)", trial.number, run.prune_step,
                      steps, max_steps)
@@ -548,7 +549,9 @@ class StudySweeper(Sweeper):
         if self.replicates:
             trial.set_user_attr("replicate_values", {str(r): v if n_objectives > 1 else v[0]
                                                      for r, v in zip(self.replicates, per_job)})
-        trial.set_user_attr("steps", self._steps(run, complete=True)[0])
+        steps, max_steps = self._steps(run, complete=True)
+        trial.set_user_attr("steps", steps)
+        trial.set_user_attr("max_steps", max_steps)
         self._tell(study, trial, values, TrialState.COMPLETE)
         log.info("trial %d: %s%s", trial.number, values if n_objectives > 1 else values[0],
                  f" (mean of {len(per_job)} replicates)" if self.replicates else "")
