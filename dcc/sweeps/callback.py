@@ -78,6 +78,7 @@ class MLflowSweepParent(Callback):
         self._previous_env: str | None = None
         self._previous_keys: str | None = None
         self._open = False
+        self.key: str | None = None
 
     # ----------------------------------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -127,7 +128,7 @@ class MLflowSweepParent(Callback):
         self.client = MlflowClient(tracking_uri=uri)
         exp_id = experiment_id(self.client, experiment)
 
-        key = sweep_key(config)
+        key = self.key = sweep_key(config)
         found: list[Any] = []
         if key is not None:
             found = self.client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'",
@@ -220,7 +221,15 @@ class MLflowSweepParent(Callback):
         results = self.sweep_dir / "optimization_results.yaml" if self.sweep_dir else None
         if results is not None and results.exists():
             self.client.log_artifact(self.run_id, str(results), "optuna")
-        if self.report and counts.get("FINISHED"):
+        if self.report and self.key and self.key.startswith("optuna:"):  # an Optuna sweep: its study's report
+            from dcc.sweeps import study_report
+
+            name, _, storage = self.key[len("optuna:"):].rpartition("@")
+            text, files, _ = study_report.report(name, storage, (self.sweep_dir or Path("multirun")) / "study_report",
+                                                 self.client, self.run_id)
+            print("\n" + text + f"report: {', '.join(str(f) for f in files)} (also in the MLflow parent run "
+                  f"{self.run_id}, artifacts/study_report)", flush=True)
+        elif self.report and counts.get("FINISHED"):
             out = (self.sweep_dir or Path("multirun")) / "report"
             report, files = rep.report_for_parent(self.client, self.run_id, out_dir=out)
             self._log_figures(report)
