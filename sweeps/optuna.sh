@@ -26,7 +26,7 @@ source "$(dirname "$0")/_common.sh"
 BENCH_JOBS=('hydra.sweeper.study_name=lambda_gamma_tau-bench22-${hydra.sweeper.replicates}rep'
             hydra.sweeper.n_jobs=1 hydra.sweeper.replicates=2 hydra.sweeper.n_trials=12
             hydra.sweeper.sampler.n_startup_trials=4
-            'hydra.sweeper.params={loss.weight:"tag(log, interval(0.02, 1.0))",loss.temperature:"tag(log, interval(0.05, 0.5))",loss.start_step:"choice(0, 150, 300)"}'
+            '++hydra.sweeper.params={loss.weight:"tag(log, interval(0.02, 1.0))",loss.temperature:"tag(log, interval(0.05, 0.5))",loss.start_step:"choice(0, 150, 300)"}'
             'hydra.sweeper.enqueue=[{loss.weight:0.1,loss.pos_threshold:0.75,loss.temperature:0.1,loss.start_step:300}]'
             'hydra.sweeper.pruner={_target_:optuna.pruners.SuccessiveHalvingPruner,min_resource:450,reduction_factor:3}')
 if [[ "${1:-}" == bench ]]; then  # loss.start_step is searched: drop the profile's fixed value

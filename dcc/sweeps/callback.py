@@ -171,7 +171,7 @@ class MLflowSweepParent(Callback):
             params[f"override/{k.lstrip('+~')}"] = v
         for k, v in (_get(config, "hydra.sweeper.params", {}) or {}).items():
             params[f"search/{k}"] = str(v)
-        for k in ("n_trials", "n_jobs", "study_name", "storage", "direction"):
+        for k in ("n_trials", "n_jobs", "study_name", "storage", "direction", "replicates", "pruner._target_"):
             v = _get(config, f"hydra.sweeper.{k}")
             if v is not None:
                 params[f"sweeper/{k}"] = str(v)
