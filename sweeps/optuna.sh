@@ -23,7 +23,7 @@ source "$(dirname "$0")/_common.sh"
 # The rule that decides what the study may change is written before it runs: conf/hparams_search/lambda_gamma_tau.yaml.
 # Later overrides win.
 # Its own study name (the 7-trial study of issue 11, same setting, is not continued).
-BENCH_JOBS=('hydra.sweeper.study_name=lambda_gamma_tau-bench22-${hydra.sweeper.replicates}rep'
+BENCH_JOBS=('hydra.sweeper.study_name=lambda_gamma_tau-bench22-${trainer.max_steps}steps-${hydra.sweeper.replicates}rep'
             hydra.sweeper.n_jobs=1 hydra.sweeper.replicates=2 hydra.sweeper.n_trials=12
             hydra.sweeper.sampler.n_startup_trials=4
             '++hydra.sweeper.params={loss.weight:"tag(log, interval(0.02, 1.0))",loss.temperature:"tag(log, interval(0.05, 0.5))",loss.start_step:"choice(0, 150, 300)"}'
