@@ -371,3 +371,26 @@ def test_the_study_report_numbers_every_trial_marks_baseline_and_best_and_counts
     assert f"Steps trained: {trained:,} of 320 = **{100 * trained / 320:.1f}%**" in text
     for name in ("study.md", "trials.csv", "history.png", "slice.png", "intermediate.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
+
+
+def test_the_bench_pruner_trains_at_most_60_percent_of_the_steps_of_12_full_trials(tmp_path):
+    # the pruner of `bash sweeps/optuna.sh bench`, 12 trials of one replicate, two at a time, on the bench's schedule
+    # (1,500 steps, an evaluation every 150) with curves that rise to each trial's level and keep their order
+    import math
+
+    from tests.test_bench_profile import _commands
+
+    (argv,) = _commands("optuna.sh", "bench")
+    (spec,) = [a.split("=", 1)[1].strip("{}") for a in argv if a.startswith("hydra.sweeper.pruner=")]
+    pruner = {k: (v if k == "_target_" else int(v)) for k, v in (kv.split(":", 1) for kv in spec.split(","))}
+    launcher = CurveLauncher(lambda ov, step: float(ov["w"]) * (1 - math.exp(-step / 400)), max_steps=1500,
+                             eval_every=150, step_s=0.002)
+    sweeper = _sweeper(tmp_path, launcher, study_name="b", n_trials=12, n_jobs=2, params={"w": "interval(0, 1)"},
+                       sampler=optuna.samplers.RandomSampler(seed=4), pruner=pruner)
+    sweeper.sweep([])
+    trials = _load(tmp_path, "b").trials
+    share = sum(j["step"] for j in launcher.jobs) / (12 * 1500)
+    assert share <= 0.6, share
+    assert sum(t.state == TrialState.PRUNED for t in trials) >= 7
+    best = max(trials, key=lambda t: t.params["w"])
+    assert best.state == TrialState.COMPLETE  # the best setting is never pruned: its curve leads at every rung
