@@ -369,6 +369,9 @@ class StudySweeper(Sweeper):
             raise SweeperConfigError(
                 f"hydra.sweeper.pruner with {name}: pruning needs a launcher that runs trials asynchronously "
                 "(hydra/launcher=local without visible_gpus, or hydra/launcher=slurm), or hydra.sweeper.pruner=null")
+        if self.pruner is not None and len(self._directions()) > 1:
+            raise SweeperConfigError(f"hydra.sweeper.pruner with {len(self._directions())} directions: Optuna prunes "
+                                     "single-objective studies only (hydra.sweeper.pruner=null)")
         if self.replicates and (self.replicate_key in fixed or self.replicate_key in space):
             where = "searched" if self.replicate_key in space else f"fixed to {fixed[self.replicate_key]}"
             raise SweeperConfigError(
