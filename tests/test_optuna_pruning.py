@@ -177,7 +177,7 @@ def test_replicated_trials_report_the_mean_of_their_replicates(tmp_path):
 
 def test_a_replicated_trial_is_pruned_on_the_mean_of_its_replicates(tmp_path):
     # seeds 1, 2 on a trial at 0.48: 0.49 and 0.50, mean 0.495 < 0.5 (one replicate alone would pass)
-    launcher = CurveLauncher(_level, max_steps=40, eval_every=10, step_s=0.01)
+    launcher = CurveLauncher(_level, max_steps=40, eval_every=10, step_s=0.03)
     sweeper = _sweeper(tmp_path, launcher, study_name="rp", n_trials=2, n_jobs=2, params={"w": "interval(0, 1)"},
                        enqueue=[{"w": 0.48}, {"w": 0.52}], replicates=2,
                        pruner={"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5})
