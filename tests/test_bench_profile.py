@@ -55,10 +55,15 @@ def test_every_bench_job_composes_and_validates(script):
             assert cfg.loss.start_step == 300 and cfg.dataset.scenes.pretrain.steps > 0
 
 
-def test_the_optuna_bench_runs_two_trials_at_a_time_and_starts(tmp_path):
+def test_the_optuna_bench_runs_two_jobs_at_a_time_searches_the_start_step_and_starts(tmp_path):
     (argv,) = _commands("optuna.sh", "bench")
-    assert "hydra.sweeper.n_jobs=2" in argv and not any("max_batch_size" in a for a in argv)
-    # the real command composes with Optuna's sweeper (which has no max_batch_size) and opens its study
+    # one trial of two replicates at a time: two jobs; no max_batch_size (Optuna's sweeper has none)
+    assert "hydra.sweeper.n_jobs=1" in argv and "hydra.sweeper.replicates=2" in argv
+    assert not any("max_batch_size" in a for a in argv)
+    assert not any(a.startswith("loss.start_step=") for a in argv)  # searched, not fixed by the profile
+    assert 'loss.start_step:"choice(0,' in " ".join(argv)  # in ++hydra.sweeper.params (echo splits it at its spaces)
+    assert any("SuccessiveHalvingPruner" in a for a in argv if a.startswith("hydra.sweeper.pruner="))
+    # the real command composes with Optuna's sweeper and opens its study
     proc = subprocess.run(["bash", str(ROOT / "sweeps" / "optuna.sh"), "bench", "hydra.sweeper.n_trials=0"],
                           cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=300)
@@ -66,5 +71,9 @@ def test_the_optuna_bench_runs_two_trials_at_a_time_and_starts(tmp_path):
     import optuna
 
     (name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert name.endswith("-ablation_viii-1500steps")  # the budget names the study: no mixing with other budgets
-    assert "hydra.sweeper.n_trials=7" in argv and "hydra.sweeper.sampler.n_startup_trials=4" in argv
+    assert name == "lambda_gamma_tau-bench22-1500steps-2rep"  # budget and replicates name the study
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    (baseline,) = study.get_trials(deepcopy=False)  # enqueued, not run: the preset (start step 300)
+    assert baseline.user_attrs == {"enqueued": 0} and study.user_attrs["dcc.replicates"]["values"] == [1, 2]
+    assert any("loss.start_step:300" in a for a in argv if a.startswith("hydra.sweeper.enqueue="))
+    assert "hydra.sweeper.n_trials=12" in argv and "hydra.sweeper.sampler.n_startup_trials=4" in argv

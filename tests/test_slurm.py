@@ -187,3 +187,33 @@ def test_sigterm_requeues_a_running_job_but_not_a_cancelled_one(state, requeued)
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+@pytest.mark.slow
+def test_a_pruned_optuna_trial_ends_its_sbatch_job_cleanly_with_its_checkpoint(slurm_env, tiny_overrides, tmp_path):
+    """An Optuna study through sbatch with a pruner that stops every trial at step 6: the job notices the stop file
+    after its next step, writes its checkpoint, ends its MLflow run as KILLED with pruned=true and exits 0
+    (submitit: "Job completed successfully", not requeued); the trial is PRUNED."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from tests.test_optuna import SEARCH
+
+    over = [o for o in sweep_overrides(tiny_overrides) if not o.startswith("trainer.")] + [
+        o for o in tiny_overrides if o.startswith("trainer.") and "max_steps" not in o and "eval_every" not in o]
+    proc = _run(["-m", *LAUNCH, SEARCH, "hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=1",
+                 "hydra.sweeper.study_name=sp", "hydra.sweeper.poll_interval=0.2",
+                 "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:0.99,n_warmup_steps:6}",
+                 *over, "trainer.max_steps=60", "trainer.eval_every=3", "trainer.log_every=1"], tmp_path, slurm_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (trial,) = optuna.load_study(study_name="sp", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert trial.state == TrialState.PRUNED and trial.user_attrs["pruned_at_step"] == 6
+    assert 6 < trial.user_attrs["steps"][0] < 60
+    _, parent, (run,) = _children(over)
+    assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true" and run.data.tags["pruned_at_step"] == "6"
+    (log,) = tmp_path.glob("multirun/*/*/.submitit/*/*_log.out")
+    text = log.read_text()
+    assert "pruned by the Optuna study at step 6" in text and "Job completed successfully" in text, text[-2000:]
+    assert "Requeued" not in text and "requeue" not in text.lower()
+    (run_dir,) = [p for p in (tmp_path / "runs" / "digits").iterdir() if p.is_dir()]
+    assert (run_dir / "last.pt").exists() and not (run_dir / "result.json").exists()

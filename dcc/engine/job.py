@@ -173,6 +173,18 @@ def _adopt(cfg: DictConfig, launch_dir: Path, run_id: str | None) -> None:
         log.warning("could not add the finished run %s to this sweep (%s)", run_id, exc)
 
 
+def _job_command() -> str:
+    """``python run.py <this job's overrides>`` (a sweep's job), else the command that continues this run."""
+    try:
+        import shlex
+
+        from hydra.core.hydra_config import HydraConfig
+
+        return shlex.join(["python", "run.py", *HydraConfig.get().overrides.task])
+    except Exception:  # noqa: BLE001 - not under Hydra
+        return resume.continue_command()
+
+
 def _drop_if_empty(run_dir: Path, created: bool) -> None:
     """A run directory made by this attempt that holds no checkpoint yet is removed when the attempt fails."""
     if created and ddp.is_main() and run_dir.exists() and not any(run_dir.rglob("*.pt")):
@@ -227,6 +239,7 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
     from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
     from dcc.method.selftrain import self_train
     from dcc.engine.trainer import fit
+    from dcc.engine.trial_link import TrialPruned
 
     decision = resume.decide(run_dir, resume.resume_mode(cfg))
     ddp.barrier()  # every rank has looked before rank 0 moves anything
@@ -273,6 +286,13 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
             result = fit(cfg, data, device, tracker, run_dir)
         if ddp.is_main():
             _log_checkpoint(cfg, tracker, run_dir, result.model)
+    except TrialPruned as pruned:  # the Optuna study stopped this trial: a clean end, its checkpoint kept
+        tracker.set_tags({"pruned": "true", "pruned_at_step": str(pruned.step), "steps_trained": str(pruned.stopped)})
+        tracker.finish("KILLED")  # like a preempted run: not in the tables; the same command continues it
+        if ddp.is_main():
+            print(f"{pruned}, val mIoU {pruned.value:.4f}: checkpoint kept in {run_dir}; continue it with "
+                  f"{_job_command()}", flush=True)
+        return float(pruned.value)
     except (KeyboardInterrupt, SystemExit):
         tracker.finish("KILLED")  # preempted or interrupted: the same command (or a requeue) continues it
         _drop_if_empty(run_dir, created)

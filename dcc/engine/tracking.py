@@ -172,6 +172,9 @@ class NullTracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         pass
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
@@ -243,6 +246,10 @@ class MLflowTracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         with self._call(f"the artifact {Path(path).name}"):
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None and not self.lost:  # a store that is gone is not called again

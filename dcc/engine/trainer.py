@@ -40,6 +40,7 @@ from dcc.engine.optim import build_optimizer, poly_scheduler
 from dcc.engine.preemption import PreemptionGuard
 from dcc.engine.resume import continue_command, damaged, resume_mode
 from dcc.engine.tracking import TrackingLost, logging_off
+from dcc.engine.trial_link import TrialLink, TrialPruned
 from dcc.engine.visualize import dataset_palette, save_prediction_grid
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class Trainer:
         self.progress = _Progress()
         self.meter = _Meter()
         self.unlabeled: Iterator[dict[str, torch.Tensor]] | None = None  # opened at loss.start_step
+        self.trial = None if prefix else TrialLink.from_env()  # a job of an Optuna trial: its link to the sweeper
 
     # ------------------------------------------------------------------------------------- restore
     def restore(self) -> None:
@@ -283,17 +285,26 @@ class Trainer:
         tc, step = self.tc, self.progress.step
         is_last = step == tc.max_steps
         stop = self.guard.requested  # preemption / time limit: log and checkpoint now, then let the launcher requeue
+        pruned = self.trial is not None and self.trial.stop_requested()  # the Optuna study pruned this trial
         if ddp.world_size() > 1:  # every rank must stop at the same step: agreed at log intervals
             stop = step % tc.log_every == 0 and ddp.any_rank(stop, self.device)
+            pruned = step % tc.log_every == 0 and ddp.any_rank(pruned, self.device)
         try:
-            if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last or stop:
+            if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or is_last \
+                    or stop or pruned:
                 self.log_losses()
             if step % tc.eval_every == 0 or is_last:
                 self.validate(is_last)
         except TrackingLost as exc:  # the store is gone: keep the training done so far, then stop in one line
             raise self._tracking_lost(exc) from exc
-        if step % tc.checkpoint_every == 0 or is_last or stop:
+        if step % tc.checkpoint_every == 0 or is_last or stop or pruned:
             self.save(finished=is_last)
+        if pruned and not is_last:  # checkpoint kept (the same command continues it); the job ends cleanly
+            if self.trial is not None and ddp.is_main():
+                self.trial.report(step, self.progress.history, tc.max_steps, pruned=True)
+            self.bar.close()
+            at = self.trial.pruned_at(step) if self.trial is not None else step
+            raise TrialPruned(at, self.progress.history[-1][1] if self.progress.history else float("nan"), step)
         if stop:
             if ddp.is_main():
                 self.bar.write(f"{self.prefix}{signal.Signals(self.guard.signum).name}: checkpoint written at step "
@@ -332,6 +343,8 @@ class Trainer:
         res = self._evaluate(self.tc.num_vis if is_last else 0)
         p.best = max(p.best, res["miou"])
         p.history.append((p.step, res["miou"]))
+        if self.trial is not None and ddp.is_main():  # the sweeper reports it to the study as an intermediate value
+            self.trial.report(p.step, p.history, self.tc.max_steps)
         self.tracker.log_metrics(
             {f"{pre}val/miou": res["miou"], f"{pre}val/pixel_acc": res["pixel_acc"], f"{pre}val/best_miou": p.best}
             | ({f"{pre}val/weak_map": res["weak_map"]} if "weak_map" in res else {}), p.step,

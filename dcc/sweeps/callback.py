@@ -98,6 +98,7 @@ class MLflowSweepParent(Callback):
         self._previous_env: str | None = None
         self._previous_keys: str | None = None
         self._open = False
+        self.key: str | None = None
 
     # ----------------------------------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -114,6 +115,12 @@ class MLflowSweepParent(Callback):
             problem = slurm_problem()
             if problem:
                 stop_sweep(f"hydra/launcher=slurm: {problem}")
+        try:  # the Optuna sweeper's pruner, replicates and launcher, likewise
+            from dcc.sweeps.optuna_sweeper import check_hydra_config
+
+            check_hydra_config(config)
+        except ValueError as exc:
+            stop_sweep(str(exc))
         self._previous_keys = os.environ.get(SWEPT_KEYS_ENV)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))  # the jobs name their runs after these values
         if str(_get(config, "logger.name", "mlflow")) == "none":
@@ -143,7 +150,7 @@ class MLflowSweepParent(Callback):
         self.client = open_client(uri)  # under the store's lock: two sweeps may create it at once
         exp_id = experiment_id(self.client, experiment)
 
-        key = sweep_key(config)
+        key = self.key = sweep_key(config)
         found: list[Any] = []
         if key is not None:
             found = self.client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'",
@@ -186,7 +193,7 @@ class MLflowSweepParent(Callback):
             params[f"override/{k.lstrip('+~')}"] = v
         for k, v in (_get(config, "hydra.sweeper.params", {}) or {}).items():
             params[f"search/{k}"] = str(v)
-        for k in ("n_trials", "n_jobs", "study_name", "storage", "direction"):
+        for k in ("n_trials", "n_jobs", "study_name", "storage", "direction", "replicates", "pruner._target_"):
             v = _get(config, f"hydra.sweeper.{k}")
             if v is not None:
                 params[f"sweeper/{k}"] = str(v)
@@ -236,7 +243,15 @@ class MLflowSweepParent(Callback):
         results = self.sweep_dir / "optimization_results.yaml" if self.sweep_dir else None
         if results is not None and results.exists():
             self.client.log_artifact(self.run_id, str(results), "optuna")
-        if self.report and counts.get("FINISHED"):
+        if self.report and self.key and self.key.startswith("optuna:"):  # an Optuna sweep: its study's report
+            from dcc.sweeps import study_report
+
+            name, _, storage = self.key[len("optuna:"):].rpartition("@")
+            text, files, _ = study_report.report(name, storage, (self.sweep_dir or Path("multirun")) / "study_report",
+                                                 self.client, self.run_id)
+            print("\n" + text + f"report: {', '.join(str(f) for f in files)} (also in the MLflow parent run "
+                  f"{self.run_id}, artifacts/study_report)", flush=True)
+        elif self.report and counts.get("FINISHED"):
             out = (self.sweep_dir or Path("multirun")) / "report"
             report, files = rep.report_for_parent(self.client, self.run_id, out_dir=out)
             self._log_figures(report)

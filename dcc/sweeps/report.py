@@ -4,6 +4,7 @@
     python -m dcc.report digits                # the latest sweep of experiment "digits"
     python -m dcc.report digits --all          # every finished run of the experiment
     python -m dcc.report <parent run id | sweep name> [--by loss/weight] [--split val|test] [--baseline suponly]
+    python -m dcc.report <Optuna study | its sweep name>   # the study report (dcc/sweeps/study_report.py)
 
 Rows are loss presets, the arms (in the order of Table 3), columns are splits or, for a grid, the swept
 values (the config keys that differ between the runs, found automatically or named with ``--by``). A cell
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from dcc.engine.tracking import PARENT_TAG, SWEEP_NAME_TAG, SWEEP_TAG, default_tracking_uri
+from dcc.engine.tracking import PARENT_TAG, SWEEP_KEY_TAG, SWEEP_NAME_TAG, SWEEP_TAG, default_tracking_uri
 from dcc.sweeps.aggregate import (BEST, LAST, TEST, Cell, Comparison, Record, Report, ReportError,  # noqa: F401
                                   build_report, records_from_runs, t_interval, varying_keys)
 from dcc.sweeps.paper import (PRESET_SWITCHES, ROW_ORDER, SWITCHES, TABLE1, TABLE2, TABLE3, TABLE3_SETTING,  # noqa: F401
@@ -149,7 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--include-unfinished", action="store_true", help="also use RUNNING/FAILED/KILLED runs that logged final metrics")
     ap.add_argument("--out", default=None, help="directory for table.md, table.csv and chart.png (default: reports/<sweep>)")
     ap.add_argument("--no-log", action="store_true", help="do not log the files to the sweep's parent run")
+    ap.add_argument("--storage", default=None, help="the Optuna storage of a study (default: sqlite:///optuna.db here)")
+    ap.add_argument("--runs", action="store_true", help="for an Optuna sweep: the runs table, not the study report")
     args = ap.parse_args(argv)
+
+    if args.target and not args.runs:  # an Optuna study (or its sweep's name) in the storage: the study report
+        from dcc.sweeps import study_report
+
+        storage = args.storage or study_report.DEFAULT_STORAGE
+        found = study_report.find_study(args.target, storage)
+        if found is not None:
+            return study_report.cli(found[0], found[1], storage, args.out, args.tracking_uri, not args.no_log)
 
     uri = args.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -163,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    key = parent.data.tags.get(SWEEP_KEY_TAG, "") if parent is not None else ""
+    if key.startswith("optuna:") and not args.runs:  # an Optuna sweep: the report of its study
+        from dcc.sweeps import study_report
+
+        name, _, storage = key[len("optuna:"):].rpartition("@")
+        return study_report.cli(name, [], args.storage or storage, args.out, args.tracking_uri, not args.no_log)
     statuses = ("FINISHED", "RUNNING", "FAILED", "KILLED") if args.include_unfinished else ("FINISHED",)
     if parent is not None:
         runs = sweep_children(client, parent, statuses)
