@@ -394,3 +394,18 @@ def test_images_far_larger_than_the_crop_are_warned_about_once(tmp_path, monkeyp
         build_data(_folder_cfg(root, tmp_path))
     (warning,) = [r.getMessage() for r in caplog.records if "far larger" in r.getMessage()]
     assert f"{huge}, is 1200 px" in warning and "longest side over 192 px" in warning
+
+
+# ------------------------------------------------------------ the MLflow UI shows results at a glance (item 8)
+def test_runs_carry_their_budget_result_and_the_experiment_opens_on_the_runs_table(tiny_overrides, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = compose_cfg(tiny_overrides)
+    miou = run(cfg, launch_dir=tmp_path)
+    client = MlflowClient(tracking_uri=cfg.logger.tracking_uri)
+    exp = client.get_experiment_by_name("digits")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.data.tags["steps"] == "6"
+    note = r.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**final val mIoU {miou:.4f}**") and "after 6 of 6 steps" in note and "test mIoU" in note

@@ -51,6 +51,7 @@ def test_sweep_is_one_parent_run_with_children_and_a_report(tiny_overrides, tmp_
         ("ablation_viii", "0.1", "FINISHED"), ("ablation_viii", "0.3", "FINISHED"),
         ("suponly", "0.1", "FINISHED"), ("suponly", "0.3", "FINISHED")]
     assert parent.data.tags["dcc.jobs_finished"] == "4"
+    assert "| suponly |" in parent.data.tags["mlflow.note.content"]  # the UI's description of the sweep: its table
     # the table: presets x swept lambda, printed, written to the sweep dir and logged to the parent
     assert "| suponly |" in proc.stdout and "weight=0.3 best" in proc.stdout
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {

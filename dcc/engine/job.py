@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from dcc.engine import distributed as ddp
 from dcc.engine import preflight, resume
 from dcc.config import CheckpointLog, ConfigError, Method, choice, result_neutral, validate
-from dcc.engine.tracking import (open_client, PARENT_RUN_ENV, PARENT_TAG, SWEPT_KEYS_ENV, NullTracker, flatten, git_commit, logging_off,
+from dcc.engine.tracking import (TrackingLost, open_client, PARENT_RUN_ENV, PARENT_TAG, SWEPT_KEYS_ENV, NullTracker, flatten, git_commit, logging_off,
                           make_tracker, tracking_uri)
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def _tags(cfg: DictConfig, launch_dir: Path) -> dict[str, str]:
         "dataset": plain["dataset"]["name"], "split": plain["split"]["name"], "segnet": plain["segnet"]["name"],
         "backbone": plain["backbone"]["name"], "loss": plain["loss"]["preset"], "method": plain["loss"]["method"],
         "seed": str(plain["trainer"]["seed"]), "git_commit": git_commit(launch_dir),
+        "steps": str(plain["trainer"]["max_steps"]),  # the budget: a 40-step try and a 1,500-step run look different
     }
 
 
@@ -301,6 +302,15 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
         tracker.finish("FAILED")
         _drop_if_empty(run_dir, created)
         raise
+    if ddp.is_main():
+        test = "n/a (no test split)" if result.test_miou is None else f"{float(result.test_miou):.4f}"
+        try:
+            tracker.describe_result(f"**final val mIoU {result.final_miou:.4f}** (best {result.best_miou:.4f}), "
+                                    f"test mIoU {test}, after {result.steps} of {cfg.trainer.max_steps} steps; "
+                                    f"`{cfg.loss.preset}`, split {cfg.split.name}, seed {cfg.trainer.seed}, "
+                                    f"{cfg.backbone.name}")
+        except TrackingLost as exc:  # the training is done and its result is written below: only the note is lost
+            log.warning("%s", exc)
     tracker.finish("FINISHED")
     if not ddp.is_main():
         return float(result.final_miou)

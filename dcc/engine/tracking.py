@@ -30,6 +30,10 @@ SWEEP_TAG = "dcc.sweep"
 SWEEP_NAME_TAG = "dcc.sweep_name"
 SWEEP_KEY_TAG = "dcc.sweep_key"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment on the view of its kind: the training kind shows the runs table (not the
+# GenAI overview); the note tag is a run's description, rendered as Markdown.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"
 
 
 @contextlib.contextmanager
@@ -138,9 +142,11 @@ def experiment_id(client: Any, name: str) -> str:
     """The id of MLflow experiment ``name``, created when missing (another job may create it at the same time)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:  # made elsewhere, or before the kind was set
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
     except Exception:  # noqa: BLE001 - another job created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -173,6 +179,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def describe_result(self, text: str) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -250,6 +259,11 @@ class MLflowTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
+
+    def describe_result(self, text: str) -> None:
+        """The run's description in the UI (Markdown): its result at a glance."""
+        with self._call("the run's description"):
+            self.client.set_tag(self.run_id, NOTE_TAG, text)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None and not self.lost:  # a store that is gone is not called again

@@ -255,7 +255,9 @@ class MLflowSweepParent(Callback):
             out = (self.sweep_dir or Path("multirun")) / "report"
             report, files = rep.report_for_parent(self.client, self.run_id, out_dir=out)
             self._log_figures(report)
-            print("\n" + rep.to_markdown(report), flush=True)
+            table = rep.to_markdown(report)
+            self.client.set_tag(self.run_id, "mlflow.note.content", table[:50000])  # the UI's description: the table
+            print("\n" + table, flush=True)
             print(f"report: {', '.join(str(f) for f in files.values())} (also in the MLflow parent run "
                   f"{self.run_id}, artifacts/report)", flush=True)
 
