@@ -302,8 +302,8 @@ def test_ablation_chart_labels_rows_by_switches_and_has_no_error_bar_for_one_see
     from matplotlib.container import ErrorbarContainer
 
     def build(records):
-        cells = [report.Cell(row=r.row, col=r.col, best=[100 * r.best], last=[100 * r.last], seeds=[r.seed])
-                 for r in records]
+        cells = [report.Cell(row=r.row, col=r.col, values=[100 * r.last], replicates=[(r.seed, r.seed)],
+                             best=[100 * r.best], last=[100 * r.last]) for r in records]
         return report.Report(title="t", by=["split"], cells=cells, rows=[r.row for r in records],
                              cols=[records[0].col], switches={r.row: r.switches for r in records})
 
@@ -315,14 +315,17 @@ def test_ablation_chart_labels_rows_by_switches_and_has_no_error_bar_for_one_see
     assert labels == ["suponly\nsupervised only", "ablation_iv\nProj+Context+CL+Dir+NS",
                       "ablation_vii\nContext+CL+Dir+NS+PF"]
     assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
-    rep.cells[0].best.append(32.0)  # two seeds: an error bar
+    rep.cells[0].values.append(32.0)  # two replicates: an interval bar
+    rep.cells[0].replicates.append(("2", "2"))
     ax = report.chart(rep).axes[0]
     assert len([c for c in ax.containers if isinstance(c, ErrorbarContainer)]) == 1
 
 
 def test_summary_metrics_for_the_sweep_parent():
-    cells = [report.Cell(row="suponly", col=(("loss/weight", "0.1"),), best=[40.0, 42.0], last=[38.0, 40.0], seeds=["1", "2"]),
-             report.Cell(row="suponly", col=(("loss/weight", "0.3"),), best=[50.0], last=[45.0], seeds=["1"])]
+    cells = [report.Cell(row="suponly", col=(("loss/weight", "0.1"),), values=[38.0, 40.0], replicates=[("1", "1"), ("2", "2")],
+                         best=[40.0, 42.0], last=[38.0, 40.0]),
+             report.Cell(row="suponly", col=(("loss/weight", "0.3"),), values=[45.0], replicates=[("1", "1")], best=[50.0],
+                         last=[45.0])]
     rep = report.Report(title="t", by=["loss/weight"], cells=cells, rows=["suponly"], cols=[c.col for c in cells])
     m = report.summary_metrics(rep)
     assert m["mean_final_miou/suponly/weight_0.1"] == pytest.approx(0.39)
