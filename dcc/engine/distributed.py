@@ -15,7 +15,8 @@ What is exchanged and when (see ``docs/several-gpus.md``): gradients are average
 each backward (:func:`average_gradients`, bucketed all_reduce); the supervised and consistency losses are
 normalised by counts summed over ranks (:func:`global_mean`); the negative bank is all-gathered
 (``dcc.method.bank``); logged scalars are averaged once per log interval (:func:`mean_over_ranks`); BN buffers
-are averaged before evaluation and checkpoints (:func:`average_buffers`).
+are averaged before evaluation and checkpoints (:func:`average_buffers`; with the synchronized batch norm of
+:func:`sync_batchnorm` they already agree, so this only guards against drift).
 """
 
 from __future__ import annotations
@@ -283,8 +284,9 @@ def broadcast_module(module: nn.Module) -> None:
 
 
 def average_buffers(module: nn.Module) -> None:
-    """Floating-point buffers (BN running statistics) averaged over ranks. Without SyncBatchNorm (CPU) each
-    rank's statistics come from its own share of the batch; with it they already agree."""
+    """Floating-point buffers (BN running statistics) averaged over ranks. With the synchronized batch norm
+    (:func:`sync_batchnorm`) every rank updates them from the same reduced statistics, so they already agree;
+    this keeps them identical to the last bit before evaluation and checkpoints."""
     if world_size() == 1:
         return
     bufs = [b for b in module.buffers() if b.is_floating_point()]
@@ -307,15 +309,15 @@ def gather_objects(obj: Any) -> list[Any]:
 
 # ------------------------------------------------------------------------------------------------ model
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm under several processes on GPU (statistics over the whole batch).
+    """Under several processes, every BN layer becomes the project's synchronized batch norm
+    (:class:`dcc.method.models.sync_bn.SyncGroupedBatchNorm`): training statistics over the whole batch of all
+    ranks, per view with ``trainer.view_bn=per_view``, reduced with ordinary collectives, so on gloo (CPU) as on
+    NCCL (GPU). One process: the model is returned unchanged. ``device`` is kept for the callers' signature."""
+    if world_size() == 1:
+        return module
+    from dcc.method.models.sync_bn import convert_sync_batch_norm  # engine -> method, imported when needed
 
-    torch's SyncBatchNorm refuses CPU tensors ("SyncBatchNorm expected input tensor to be on GPU ...",
-    torch 2.14), so on CPU (gloo) BN stays per process: batch statistics from each rank's share of the
-    batch, running statistics averaged over ranks before evaluation and checkpoints.
-    """
-    if world_size() > 1 and device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module
+    return convert_sync_batch_norm(module)
 
 
 def seed_rank(seed: int) -> None:
