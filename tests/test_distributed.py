@@ -228,3 +228,69 @@ def test_local_run_with_two_processes_makes_one_mlflow_run(tiny_overrides, tmp_p
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val/miou")] == [4]
     assert "train/loss_u" in r.data.metrics
     assert not dist.is_initialized()
+
+
+def _fails_on_rank_1(_: int) -> int:
+    if ddp.rank() == 1 or os.environ.get("RANK") == "1":
+        raise ValueError("injected failure\non two lines")
+    return 0
+
+
+def test_a_failing_child_is_one_line_naming_its_rank():
+    with pytest.raises(ddp.RankError) as info:
+        ddp.spawn(_fails_on_rank_1, 0, nprocs=2)
+    assert str(info.value) == "rank 1 of 2 failed: ValueError: injected failure on two lines"
+
+
+# run.py whose rank 1 fails at step 3 (after the checkpoint of step 2). Spawned processes import the main script
+# again as __mp_main__, so the patch below is in every rank.
+_FAILING_RUN = """
+import sys
+sys.path.insert(0, {root!r})
+import hydra
+import dcc.engine.trainer as trainer
+from dcc.cli import quote_split_overrides
+from dcc.config import register_configs
+from dcc.engine import distributed as ddp
+
+step = trainer.Trainer.step
+
+def failing_step(self, x, y):
+    if ddp.rank() == 1 and self.progress.step == 2:
+        raise RuntimeError("injected failure in rank 1")
+    return step(self, x, y)
+
+trainer.Trainer.step = failing_step
+register_configs()
+
+@hydra.main(version_base="1.3", config_path={conf!r}, config_name="config")
+def main(cfg):  # run.py's main
+    from dcc.engine.errors import one_message
+    from dcc.engine.job import run
+    return one_message(run, cfg)
+
+if __name__ == "__main__":
+    sys.argv = quote_split_overrides(sys.argv)
+    main()
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_of_run_py_prints_one_line_and_keeps_the_checkpoint(tiny_overrides, tmp_path):
+    """``run.py trainer.devices=2`` whose rank 1 raises at step 3: one line ``error: rank 1 of 2 failed: ...`` on
+    stderr, no traceback, exit status 1; the checkpoint of step 2 is intact and no temporary file is left."""
+    script = tmp_path / "failing_run.py"
+    script.write_text(_FAILING_RUN.format(root=str(ROOT), conf=str(ROOT / "conf")))
+    cmd = [sys.executable, str(script), *tiny_overrides, "trainer.devices=2", "trainer.device=cpu",
+           "trainer.num_workers=0", "trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=2",
+           "logger=none"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1 of 2 failed: RuntimeError: injected failure in rank 1"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    (last,) = (tmp_path / "runs").rglob("last.pt")
+    assert checkpoint.load(last)["step"] == 2
+    assert not list((tmp_path / "runs").rglob("*.tmp"))

@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_failed_at: float | None = None  # when an error left this process's process group (see spawn)
 
 
 # ----------------------------------------------------------------------------------------------- ranks
@@ -136,6 +138,10 @@ def process_group(cfg: Any, resolve_device: Callable[[str], torch.device]) -> It
     log.info("rank %d of %d (%s, %s)", rank(), world, backend, device)
     try:
         yield device
+    except BaseException:
+        global _failed_at
+        _failed_at = time.time()  # before the group goes: the other ranks fail after this, on the closed connections
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -146,25 +152,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, port: int, results: Any) -> None:
+class RankError(RuntimeError):
+    """A process of a spawned group failed; the message names its rank and its error, on one line."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, port: int, results: Any,
+            errors: Any) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(local_rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(world)})
     if local_rank == 0:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     else:  # rank 0 prints what one process would print; errors still reach stderr
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    out = fn(*args)
+    try:
+        out = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line, then this process exits
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            import traceback
+
+            traceback.print_exc()
+        errors.put((_failed_at or time.time(), local_rank, _one_line(exc)))
+        raise SystemExit(1) from None  # not an Exception: torch's wrapper writes no traceback for the parent
     if local_rank == 0:
         results.put(out)
 
 
 def spawn(fn: Callable[..., Any], *args: Any, nprocs: int) -> Any:
     """Run ``fn(*args)`` in ``nprocs`` new processes (spawn) of one process group on this machine;
-    returns rank 0's result. A failing process stops all of them and re-raises here."""
+    returns rank 0's result. A failing process stops all of them and raises :class:`RankError` here, whose
+    one-line message names the rank that failed first and its error (no traceback; ``HYDRA_FULL_ERROR=1``
+    prints the children's). The others usually fail next on their collectives ("Connection reset by peer"):
+    each rank reports when its error left its process group, and the earliest is the one named."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(fn, args, nprocs, free_port(), results), nprocs=nprocs, start_method="spawn")
+    ctx = mp.get_context("spawn")
+    results, errors = ctx.SimpleQueue(), ctx.SimpleQueue()
+    quiet = logging.getLogger("torch.multiprocessing.spawn")  # "Terminating process ... via SIGTERM"
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        procs = mp.start_processes(_worker, args=(fn, args, nprocs, free_port(), results, errors), nprocs=nprocs,
+                                   start_method="spawn", join=False)
+        while not procs.join():
+            pass
+    except ProcessException as exc:
+        reported = []
+        while not errors.empty():
+            reported.append(errors.get())
+        if reported:  # the earliest error: a rank's failure makes the others fail on their collectives after it
+            _, first, text = min(reported)
+        else:  # killed without a Python error (a signal, the OOM killer)
+            first, code = exc.error_index, getattr(exc, "exit_code", None)
+            how = f"signal {exc.signal_name}" if getattr(exc, "signal_name", None) else f"exit code {code}"
+            text = f"the process ended ({how})"
+        raise RankError(f"rank {first} of {nprocs} failed: {text}") from None
+    finally:
+        quiet.setLevel(level)
     return results.get()
 
 

@@ -25,13 +25,14 @@ def project_errors() -> tuple[type[BaseException], ...]:
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     from dcc.engine.checkpoint import CheckpointError
+    from dcc.engine.distributed import RankError
     from dcc.config import ConfigError
     from dcc.data.files import DataError
     from dcc.method.models.backbone import WeightsError
     from dcc.engine.preflight import PreflightError
     from dcc.engine.trainer import NonFiniteLossError
 
-    return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError,
+    return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError, RankError,
             InterpolationResolutionError, MissingMandatoryValue, FileNotFoundError)
 
 
