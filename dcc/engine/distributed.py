@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import socket
 import sys
 import time
@@ -178,8 +179,8 @@ def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, po
             traceback.print_exc()
         errors.put((_failed_at or time.time(), local_rank, _one_line(exc)))
         raise SystemExit(1) from None  # not an Exception: torch's wrapper writes no traceback for the parent
-    if local_rank == 0:
-        results.put(out)
+    if local_rank == 0:  # plain pickle: tensors are copied (torch's queue would share memory of a process that ends)
+        results.put(pickle.dumps(out))
 
 
 def spawn(fn: Callable[..., Any], *args: Any, nprocs: int) -> Any:
@@ -214,7 +215,7 @@ def spawn(fn: Callable[..., Any], *args: Any, nprocs: int) -> Any:
         raise RankError(f"rank {first} of {nprocs} failed: {text}") from None
     finally:
         quiet.setLevel(level)
-    return results.get()
+    return pickle.loads(results.get())
 
 
 # ----------------------------------------------------------------------------------------- collectives
