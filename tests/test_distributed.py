@@ -120,9 +120,10 @@ def _check_equal(ref: dict, got: dict, one: Path, two: Path, keys: list[str]) ->
 
 
 def test_two_processes_take_the_single_process_supervised_step(tiny_overrides, tmp_path):
-    """Supervised step, BN in training mode (the synchronized batch norm on the 2 processes, torch's on one):
-    the loss, every parameter's gradient and the BN running statistics agree; the labeled halves hold different
-    numbers of valid pixels (checked here), so a per-rank mean would not."""
+    """Supervised step, BN in training mode (the synchronized batch norm on the 2 processes, torch's on one),
+    both from the seed's initial weights: the loss, every parameter's gradient and the BN running statistics
+    agree; the labeled halves hold different numbers of valid pixels (checked here), so a per-rank mean would
+    not. Then the 2-process checkpoint continues on 1 process."""
     over = _step_overrides(tiny_overrides, "suponly", 1)
     single, double = compose_cfg(over), compose_cfg(over + ["trainer.devices=2"])
     data = build_data(single)
@@ -138,6 +139,12 @@ def test_two_processes_take_the_single_process_supervised_step(tiny_overrides, t
     b = checkpoint.load(tmp_path / "two" / "last.pt")["model"]
     assert a.keys() == b.keys()  # the synchronized BN keeps BatchNorm2d's state dict: N-process checkpoints load on M
     assert max(_norm_rel(b[k], a[k]) for k in a if a[k].is_floating_point()) < 1e-5
+    # the checkpoint of 2 processes resumes on 1 (the CAC tests resume 1 -> 2): its next step is the 1-process one
+    more = compose_cfg(_step_overrides(tiny_overrides, "suponly", 2))
+    after_one = _one_step(more, str(tmp_path / "one"))
+    after_two = _one_step(more, str(tmp_path / "two"))
+    assert after_two["train/loss"] == pytest.approx(after_one["train/loss"], rel=1e-5)
+    assert [s for s, _ in checkpoint.load(tmp_path / "two" / "last.pt")["history"]] == [1, 2]  # resumed at step 1
 
 
 @pytest.fixture(scope="module")
