@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_checks.sh [seconds for the embedded-benchmark runs, default 0: none]
 # 1. loss_bench.py at VOC size (8 images x 40 x 40 stride-8 cells: N = 6,400 and 12,800 overlap cells,
 #    M = 12,800 negatives, C = 128) against the authors' chunked strategy;
-# 2. ddp_check.py: NCCL process group, SyncBatchNorm, gradient averaging and per-view BN against one process;
+# 2. ddp_check.py: one step on 2 processes (the project's synchronized BN, per_view and shared) against one process;
 # 3. step_bench.py at VOC size (DeepLabv3+ ResNet-50, 320 crops, 8 + 8 batch, random VOC-sized images):
 #    fp32, bf16, channels_last (images/s, peak memory, semi / supervised);
 # 4. the same with torch.compile ($COMPILE_VARIANT, default bf16_cl_compile; $COMPILE_SECONDS, default 200);
@@ -48,8 +48,8 @@ fi
 
 if has ddp; then
     mark "ddp"; echo "== ddp" | tee "$OUT/ddp.txt"
-    for backend in ${DDP_BACKENDS:-nccl gloo}; do  # gloo: the same SyncBatchNorm path, if NCCL refuses one GPU twice
-        timeout 120 $PY benchmarks/ddp_check.py --backend $backend 2>&1 | grep -v -i "warn" | tail -15 | tee -a "$OUT/ddp.txt"
+    for backend in ${DDP_BACKENDS:-nccl gloo}; do  # gloo: the same synchronized BN, if NCCL refuses one GPU twice
+        timeout 240 $PY benchmarks/ddp_check.py --device cuda --backend $backend 2>&1 | grep -v -i "warn" | tail -25 | tee -a "$OUT/ddp.txt"
         grep -q "ALL PASS" "$OUT/ddp.txt" && break
     done
 fi

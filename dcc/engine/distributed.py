@@ -15,7 +15,8 @@ What is exchanged and when (see ``docs/several-gpus.md``): gradients are average
 each backward (:func:`average_gradients`, bucketed all_reduce); the supervised and consistency losses are
 normalised by counts summed over ranks (:func:`global_mean`); the negative bank is all-gathered
 (``dcc.method.bank``); logged scalars are averaged once per log interval (:func:`mean_over_ranks`); BN buffers
-are averaged before evaluation and checkpoints (:func:`average_buffers`).
+are averaged before evaluation and checkpoints (:func:`average_buffers`; with the synchronized batch norm of
+:func:`sync_batchnorm` they already agree, so this only guards against drift).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import socket
 import sys
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_failed_at: float | None = None  # when an error left this process's process group (see spawn)
 
 
 # ----------------------------------------------------------------------------------------------- ranks
@@ -135,6 +139,10 @@ def process_group(cfg: Any, resolve_device: Callable[[str], torch.device]) -> It
     log.info("rank %d of %d (%s, %s)", rank(), world, backend, device)
     try:
         yield device
+    except BaseException:
+        global _failed_at
+        _failed_at = time.time()  # before the group goes: the other ranks fail after this, on the closed connections
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -145,26 +153,69 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, port: int, results: Any) -> None:
+class RankError(RuntimeError):
+    """A process of a spawned group failed; the message names its rank and its error, on one line."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _worker(local_rank: int, fn: Callable[..., Any], args: tuple, world: int, port: int, results: Any,
+            errors: Any) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(local_rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(world)})
     if local_rank == 0:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     else:  # rank 0 prints what one process would print; errors still reach stderr
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    out = fn(*args)
-    if local_rank == 0:
-        results.put(out)
+    try:
+        out = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line, then this process exits
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            import traceback
+
+            traceback.print_exc()
+        errors.put((_failed_at or time.time(), local_rank, _one_line(exc)))
+        raise SystemExit(1) from None  # not an Exception: torch's wrapper writes no traceback for the parent
+    if local_rank == 0:  # plain pickle: tensors are copied (torch's queue would share memory of a process that ends)
+        results.put(pickle.dumps(out))
 
 
 def spawn(fn: Callable[..., Any], *args: Any, nprocs: int) -> Any:
     """Run ``fn(*args)`` in ``nprocs`` new processes (spawn) of one process group on this machine;
-    returns rank 0's result. A failing process stops all of them and re-raises here."""
+    returns rank 0's result. A failing process stops all of them and raises :class:`RankError` here, whose
+    one-line message names the rank that failed first and its error (no traceback; ``HYDRA_FULL_ERROR=1``
+    prints the children's). The others usually fail next on their collectives ("Connection reset by peer"):
+    each rank reports when its error left its process group, and the earliest is the one named."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(fn, args, nprocs, free_port(), results), nprocs=nprocs, start_method="spawn")
-    return results.get()
+    ctx = mp.get_context("spawn")
+    results, errors = ctx.SimpleQueue(), ctx.SimpleQueue()
+    quiet = logging.getLogger("torch.multiprocessing.spawn")  # "Terminating process ... via SIGTERM"
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        procs = mp.start_processes(_worker, args=(fn, args, nprocs, free_port(), results, errors), nprocs=nprocs,
+                                   start_method="spawn", join=False)
+        while not procs.join():
+            pass
+    except ProcessException as exc:
+        reported = []
+        while not errors.empty():
+            reported.append(errors.get())
+        if reported:  # the earliest error: a rank's failure makes the others fail on their collectives after it
+            _, first, text = min(reported)
+        else:  # killed without a Python error (a signal, the OOM killer)
+            first, code = exc.error_index, getattr(exc, "exit_code", None)
+            how = f"signal {exc.signal_name}" if getattr(exc, "signal_name", None) else f"exit code {code}"
+            text = f"the process ended ({how})"
+        raise RankError(f"rank {first} of {nprocs} failed: {text}") from None
+    finally:
+        quiet.setLevel(level)
+    return pickle.loads(results.get())
 
 
 # ----------------------------------------------------------------------------------------- collectives
@@ -283,8 +334,9 @@ def broadcast_module(module: nn.Module) -> None:
 
 
 def average_buffers(module: nn.Module) -> None:
-    """Floating-point buffers (BN running statistics) averaged over ranks. Without SyncBatchNorm (CPU) each
-    rank's statistics come from its own share of the batch; with it they already agree."""
+    """Floating-point buffers (BN running statistics) averaged over ranks. With the synchronized batch norm
+    (:func:`sync_batchnorm`) every rank updates them from the same reduced statistics, so they already agree;
+    this keeps them identical to the last bit before evaluation and checkpoints."""
     if world_size() == 1:
         return
     bufs = [b for b in module.buffers() if b.is_floating_point()]
@@ -307,15 +359,15 @@ def gather_objects(obj: Any) -> list[Any]:
 
 # ------------------------------------------------------------------------------------------------ model
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm under several processes on GPU (statistics over the whole batch).
+    """Under several processes, every BN layer becomes the project's synchronized batch norm
+    (:class:`dcc.method.models.sync_bn.SyncGroupedBatchNorm`): training statistics over the whole batch of all
+    ranks, per view with ``trainer.view_bn=per_view``, reduced with ordinary collectives, so on gloo (CPU) as on
+    NCCL (GPU). One process: the model is returned unchanged. ``device`` is kept for the callers' signature."""
+    if world_size() == 1:
+        return module
+    from dcc.method.models.sync_bn import convert_sync_batch_norm  # engine -> method, imported when needed
 
-    torch's SyncBatchNorm refuses CPU tensors ("SyncBatchNorm expected input tensor to be on GPU ...",
-    torch 2.14), so on CPU (gloo) BN stays per process: batch statistics from each rank's share of the
-    batch, running statistics averaged over ranks before evaluation and checkpoints.
-    """
-    if world_size() > 1 and device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module
+    return convert_sync_batch_norm(module)
 
 
 def seed_rank(seed: int) -> None:

@@ -25,6 +25,7 @@ def project_errors() -> tuple[type[BaseException], ...]:
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     from dcc.engine.checkpoint import CheckpointError
+    from dcc.engine.distributed import RankError
     from dcc.config import ConfigError
     from dcc.data.files import DataError
     from dcc.method.models.backbone import WeightsError
@@ -32,7 +33,8 @@ def project_errors() -> tuple[type[BaseException], ...]:
     from dcc.engine.trainer import NonFiniteLossError
     from dcc.engine.tracking import StoreError, TrackingLost
 
-    return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError, StoreError, TrackingLost,
+    return (ConfigError, DataError, WeightsError, PreflightError, NonFiniteLossError, CheckpointError, RankError,
+            StoreError, TrackingLost,
             InterpolationResolutionError, MissingMandatoryValue, FileNotFoundError)
 
 

@@ -156,7 +156,13 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
 
         load_sources(cfg)  # the dataset layout, checked here once rather than in every process
         # One machine, no launcher: start trainer.devices processes, each of which runs this function.
-        return ddp.spawn(run, cfg, launch_dir, nprocs=cfg.trainer.devices)
+        try:
+            return ddp.spawn(run, cfg, launch_dir, nprocs=cfg.trainer.devices)
+        except ddp.RankError:  # a process stopped while rank 0 wrote a checkpoint leaves its temporary file
+            run_dir = run_dir_for(cfg, launch_dir)
+            for tmp in run_dir.rglob("*.pt.*.tmp") if run_dir.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+            raise
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     with ddp.process_group(cfg, ddp.resolve_device) as device:

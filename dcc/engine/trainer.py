@@ -145,7 +145,7 @@ class Trainer:
         model = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
         if method is not Method.cac and model.projector is not None:
             model.projector = None
-        model = ddp.sync_batchnorm(model, device)  # several processes on GPUs: BN statistics over the whole batch
+        model = ddp.sync_batchnorm(model, device)  # several processes: BN statistics over the whole batch (per view)
         ddp.seed_rank(tc.seed)  # same initial weights on every rank, then distinct dropout / sampling streams
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -162,8 +162,8 @@ class Trainer:
             num_classes=cfg.dataset.num_classes, ignore_index=self.ignore,
         ) if method is Method.cac else None
         if self.branch is not None and not self.branch.shared_bn and ddp.world_size() > 1 and device.type == "cuda":
-            log.warning("%strainer.view_bn=per_view with SyncBatchNorm over %d processes is not verified yet: "
-                        "benchmarks/ddp_check.py found a gradient difference (benchmarks/RESULTS.md, 2026-11-26); "
+            log.warning("%strainer.view_bn=per_view over %d GPU processes is verified on CPU (gloo) only: "
+                        "benchmarks/ddp_check.py has not passed on a GPU yet (docs/several-gpus.md); "
                         "trainer.view_bn=shared avoids the question", self.prefix, ddp.world_size())
         self.autocast = _autocast(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is not None

@@ -6,8 +6,9 @@ batch-norm layers mix them. Inside :func:`per_group_batch_norm`, every BN layer 
 ``groups`` equal chunks along the batch and normalises each chunk with that chunk's statistics, updating its
 running statistics chunk after chunk: outputs, gradients and running statistics are those of ``groups``
 separate calls (up to float rounding of the convolutions), while the convolutions run once on the whole batch,
-which on small CPU batches costs about half of two separate calls. SyncBatchNorm works the same way (each
-chunk's statistics are gathered over processes, as in separate calls).
+which on small CPU batches costs about half of two separate calls. Under several processes the BN layers are
+``dcc.method.models.sync_bn.SyncGroupedBatchNorm``, which reads ``dcc_groups`` itself: each group's statistics
+over all ranks, all groups in one collective per layer (forward and backward).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def per_group_batch_norm(model: nn.Module, groups: int) -> Iterator[None]:
     """Within the block, each BN layer of ``model`` normalises ``groups`` equal batch chunks separately."""
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     for m in layers:
-        if "forward" not in m.__dict__:  # installed once; a plain BN forward while dcc_groups == 1
+        # installed once (a plain BN forward while dcc_groups == 1); the synchronized BN groups by itself
+        if "forward" not in m.__dict__ and not getattr(m, "handles_groups", False):
             m.forward = MethodType(_grouped_forward, m)
         m.dcc_groups = groups
     try:
