@@ -409,3 +409,26 @@ def test_runs_carry_their_budget_result_and_the_experiment_opens_on_the_runs_tab
     assert r.data.tags["steps"] == "6"
     note = r.data.tags["mlflow.note.content"]
     assert note.startswith(f"**final val mIoU {miou:.4f}**") and "after 6 of 6 steps" in note and "test mIoU" in note
+
+
+def test_local_slurm_status_before_the_cluster_is_started_says_so_at_once(tmp_path):
+    import subprocess
+    import time
+
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "local_slurm.sh"), "status"], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "DCC_SLURM_DIR": str(tmp_path / "slurm")})
+    assert time.monotonic() - start < 5
+    assert proc.returncode == 1 and "the local cluster is not running" in proc.stderr and "start" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_finished_run_met_with_several_processes_says_the_process_count_is_not_its_identity(tiny_overrides, tmp_path,
+                                                                                               capfd):
+    over = tiny_overrides + ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
+    first = run(compose_cfg(over), launch_dir=tmp_path)
+    capfd.readouterr()
+    again = run(compose_cfg(over + ["trainer.devices=2", "trainer.device=cpu"]), launch_dir=tmp_path)
+    out = capfd.readouterr().out
+    assert again == pytest.approx(first)
+    assert "already finished" in out and "does not depend on the number of processes: 2 processes" in out
