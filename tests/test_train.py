@@ -144,6 +144,7 @@ def test_suponly_and_cac_runs_are_identical_until_the_consistency_loss_starts(ti
     dropout masks up to loss.start_step (2 here), and differ after it."""
     def history(loss: str, sub: str) -> list[float]:
         over = [o.replace(str(tmp_path), str(tmp_path / sub)) for o in tiny_overrides] + [f"loss={loss}"]
+        (tmp_path / sub).mkdir()  # the store's directory (a missing one is refused, not created)
         run(compose_cfg(over), launch_dir=tmp_path / sub)
         client = _client(over)
         (r,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
