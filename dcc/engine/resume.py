@@ -60,7 +60,7 @@ def restart_command(argv: list[str] | None = None) -> str:
 def damaged(path: Path, exc: BaseException) -> ckpt.CheckpointError:
     """The one-line error for a checkpoint that cannot be read, saying what to do about it."""
     run_dir = path.parent if path.parent.name != "teacher" else path.parent.parent
-    reason = str(exc).removeprefix(f"cannot read checkpoint {path}: ").splitlines()[0][:160]
+    reason = str(exc).removeprefix(f"cannot read checkpoint {path}: ").splitlines()[0].split(". ")[0][:160]
     return ckpt.CheckpointError(
         f"the checkpoint {path} is damaged and cannot be read ({reason}); to start this run over, keeping the "
         f"damaged run as {run_dir.name}.replaced-<time> beside it: {restart_command()}")
