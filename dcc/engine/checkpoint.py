@@ -35,8 +35,9 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as "unexpected pos ..."
         written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+        error = _write_error(path, exc, written)  # the free space as the write met it, before the cleanup
         Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, exc, written) from exc
+        raise error from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -47,10 +48,10 @@ def _write_error(path: Path, exc: BaseException, written: int) -> CheckpointErro
     free = shutil.disk_usage(path.parent).free
     full = getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc) or free < max(2 * written, 64 << 20)
     why = "no space left on the device" if full else str(exc).strip().splitlines()[0][:200]
-    kept = f"the previous checkpoint {path} is intact" if path.exists() else "no earlier checkpoint exists"
+    kept = (f"the previous checkpoint {path} is intact; free some space, then re-run the same command to continue "
+            "from it") if path.exists() else "no earlier checkpoint exists; free some space, then re-run the same command"
     return CheckpointError(f"cannot write the checkpoint {path}: {why} ({free / 2**20:.0f} MiB free in {path.parent} "
-                           f"after {written / 2**20:.0f} MiB were written); {kept}. Free some space, then re-run the "
-                           "same command to continue from it")
+                           f"after {written / 2**20:.0f} MiB were written); {kept}")
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
