@@ -25,7 +25,7 @@ def _cfg(tmp_path, extra=()):
 def test_built_once_then_reused_and_rebuilt_when_a_parameter_changes(tmp_path, monkeypatch):
     calls = []
     real = digits_pretrain.pretrain
-    monkeypatch.setattr(digits_pretrain, "pretrain", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(digits_pretrain, "pretrain", lambda p, partial=None: calls.append(p) or real(p, partial))
     cfg = _cfg(tmp_path)
     path = digits_pretrain.ensure_pretrained_backbone(cfg)
     assert path.exists() and path.parent == tmp_path / "digits" and len(calls) == 1
