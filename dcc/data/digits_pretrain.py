@@ -81,7 +81,8 @@ def _classifier(name: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module
         return timm.create_model(name, num_classes=10, **kwargs)
 
 
-def _save_partial(path: Path, state: dict[str, Any]) -> None:
+def _save_atomic(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then renamed over it: never a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -145,7 +146,7 @@ def pretrain(p: dict[str, Any], partial: Path | None = None) -> tuple[dict[str, 
                   f"{_eta(step - first, p['steps'] - first, time.perf_counter() - loop_start)}",
                   file=sys.stderr, flush=True)
         if partial is not None and step % _PARTIAL_EVERY == 0 and step < p["steps"]:
-            _save_partial(partial, {"params": p, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+            _save_atomic(partial, {"params": p, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                                     "sched": sched.state_dict(), "gen": gen.get_state(),
                                     "seconds": spent + time.perf_counter() - start})
     model.eval()
@@ -176,14 +177,7 @@ def _build(cfg: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     state, info = pretrain(p, partial)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _save_atomic(path, state)
     path.with_suffix(".json").write_text(json.dumps(p | info, indent=1))
     partial.unlink(missing_ok=True)  # the finished weights replace it
     print(f"pretrained backbone: held-out digit accuracy {info['accuracy']:.3f} in {info['seconds']:.0f} s",
