@@ -6,10 +6,10 @@
 #   bash sweeps/<name>.sh [try|bench|paper] [overrides...]
 #
 #   (no profile)  the config's own budget: on the embedded dataset the digits preset (600 steps per job)
-#   try           a few minutes on a CPU: 40 steps per job on the embedded digits scenes
-#   bench         the embedded benchmark (docs/embedded-benchmark.md): 1,500 steps per job, consistency loss
-#                 from step 300, a pool of two 1-thread jobs on this machine (the local launcher: the next job starts
-#                 as soon as one ends)
+#   try           profile=try (conf/profile/try.yaml): a few minutes on a CPU, 40 steps per job
+#   bench         profile=bench (conf/profile/bench.yaml), the embedded benchmark (docs/embedded-benchmark.md):
+#                 1,500 steps per job, consistency loss from step 300, 1-thread jobs, run here as a pool of two
+#                 (the local launcher: the next job starts as soon as one ends)
 #   paper         the paper's setting: the preset conf/experiment/$EXPERIMENT.yaml (default
 #                 voc_deeplabv3plus_r50: Pascal VOC, DeepLabv3+ ResNet-50, the authors' schedule); add the
 #                 data and weights (dataset.root=... backbone.weights=...) and a launcher (hydra/launcher=slurm)
@@ -20,12 +20,9 @@
 # Any override can follow, e.g. hydra/launcher=slurm, hydra/launcher=local hydra.sweeper.max_batch_size=2,
 # logger.tracking_uri=http://host:5000, trainer.max_steps=200.
 
-TRY=(trainer.max_steps=40 trainer.eval_every=20 trainer.checkpoint_every=20 loss.start_step=10)
-# bench: channels_last makes a step about 10 % faster on this CPU (oneDNN NHWC convolutions); the default run
-# keeps the preset's NCHW (its figures were measured so: 4 min 24 s and 0.494 with channels_last, against 0.503)
-BENCH=(trainer.max_steps=1500 trainer.eval_every=150 trainer.checkpoint_every=150 loss.start_step=300
-       trainer.channels_last=true
-       hydra/launcher=local hydra.launcher.cpus_per_task=1 trainer.progress=false)
+# the budget profiles are the config group conf/profile/ (python run.py profile=bench ... is one bench job by hand)
+TRY=(profile=try)
+BENCH=(profile=bench)
 # how `bench` runs two jobs at a time: the whole sweep as one batch, run as a pool of two by the local launcher
 # (a script whose sweeper is Optuna's sets BENCH_JOBS=(hydra.sweeper.n_jobs=2) after sourcing this file)
 BENCH_JOBS=(hydra.sweeper.max_batch_size=null hydra.launcher.max_parallel=2)

@@ -33,7 +33,7 @@ def test_seeds_bench_runs_the_grid_over_three_seeds_and_the_ceiling():
     commands = _commands("seeds.sh", "bench")  # the ceiling starts in the background: either may print first
     (grid,) = [c for c in commands if "hydra.job.name=seeds" in c]
     (ceiling,) = [c for c in commands if "hydra.job.name=seeds_ceiling" in c]
-    assert "hydra/launcher=local" in grid and "hydra.launcher.max_parallel=2" in grid
+    assert "profile=bench" in grid and "hydra.launcher.max_parallel=2" in grid  # profile: conf/profile/bench.yaml
     assert "hydra.sweeper.max_batch_size=null" in grid  # one batch, run as a pool of two
     assert "hydra.job.name=seeds" in grid and "hydra.job.name=seeds_ceiling" in ceiling
     jobs = _jobs(grid)

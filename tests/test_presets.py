@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import CONF, compose_cfg
+from tests.conftest import CONF, ROOT, compose_cfg
 
 # the key that says which option of a group a config holds
 IDENTITY = {"backbone": "name", "segnet": "name", "optim": "name", "eval": "mode", "loss": "preset"}
@@ -66,3 +66,39 @@ def test_no_preset_names_a_group_option_as_a_value(path):
     for group, key in IDENTITY.items():
         assert key not in (body.get(group) or {}), (
             f"{path.name} sets {group}.{key}; choose the option in its defaults list (override /{group}: ...)")
+
+
+# what the sweep scripts passed on the command line before the budgets became the group conf/profile/: the same
+# config (so the same run directories: runs made before continue and count as done)
+PROFILE_AS_OVERRIDES = {
+    "try": ["trainer.max_steps=40", "trainer.eval_every=20", "trainer.checkpoint_every=20", "loss.start_step=10"],
+    "bench": ["trainer.max_steps=1500", "trainer.eval_every=150", "trainer.checkpoint_every=150", "loss.start_step=300",
+              "trainer.channels_last=true", "trainer.progress=false"],
+}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILE_AS_OVERRIDES))
+@pytest.mark.parametrize("preset", [[], ["loss=suponly", "split=full", "trainer.seed=1"], ["backbone=resnet18"]],
+                         ids=["default", "ceiling", "resnet18"])
+def test_a_profile_is_the_overrides_it_replaced(profile, preset):
+    from omegaconf import OmegaConf
+
+    from dcc.engine.job import run_dir_for
+
+    by_group = compose_cfg(preset + [f"profile={profile}"])
+    by_hand = compose_cfg(preset + PROFILE_AS_OVERRIDES[profile])
+    assert OmegaConf.to_container(by_group) == OmegaConf.to_container(by_hand)
+    assert run_dir_for(by_group, ROOT) == run_dir_for(by_hand, ROOT)
+    # a later override still wins over the profile
+    assert compose_cfg(preset + [f"profile={profile}", "trainer.max_steps=7"]).trainer.max_steps == 7
+
+
+def test_the_bench_profile_runs_one_thread_jobs_on_the_local_launcher():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        hydra_cfg = compose("config", overrides=["profile=bench"], return_hydra_config=True).hydra
+        assert hydra_cfg.launcher._target_.endswith("LocalLauncher") and hydra_cfg.launcher.cpus_per_task == 1
+        # the user's launcher wins (a SLURM sweep of the bench budget)
+        slurm = compose("config", overrides=["profile=bench", "hydra/launcher=slurm"], return_hydra_config=True).hydra
+        assert "Slurm" in slurm.launcher._target_
