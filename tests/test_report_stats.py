@@ -240,3 +240,29 @@ def test_the_sweeps_parent_run_gets_the_statistics_as_metrics_and_tags(store, tm
         "test", "1,500 steps", "suponly")
     assert "test split, 1,500 steps, n=3 replicates" in tags["dcc.report_title"]
     assert "paired differences vs suponly" in (tmp_path / "multirun" / "report" / "table.md").read_text()
+
+
+def test_arms_can_be_the_values_of_a_parameter_paired_on_the_replicates(store, tmp_path, capsys):
+    """`--rows loss/st_threshold --baseline 0`: the self-training threshold's choice (conf/loss/st.yaml) as a report."""
+    uri, client, exp = store
+    parent = _parent(client, exp, "st_threshold")
+    values = {"0.0": [0.50, 0.52, 0.51], "0.7": [0.52, 0.55, 0.53], "0.9": [0.49, 0.53, 0.52]}
+    for threshold, per_rep in values.items():
+        for r, v in enumerate(per_rep, start=1):
+            _log_run(client, exp, parent, preset="st", seed=r, split_seed=r, best=v, last=v, test=v - 0.05,
+                     params={"loss/st_threshold": threshold}, steps=1500)
+    runs = report.sweep_children(client, client.get_run(parent))
+    rep = report.build_report(runs, title="t", split="val", rows="loss/st_threshold", baseline="0")
+    assert rep.rows == ["loss/st_threshold=0.0", "loss/st_threshold=0.7", "loss/st_threshold=0.9"]
+    assert rep.baseline == "loss/st_threshold=0.0" and rep.by == ["split"]  # the key is the rows, not a column
+    high = rep.comparison("loss/st_threshold=0.7", (("split", "1_8"),))  # +2, +3, +2 (val: final mIoU)
+    assert high.diffs == pytest.approx([2.0, 3.0, 2.0]) and high.verdict == "better"
+    assert high.ci == pytest.approx(_ci(7 / 3, math.sqrt(1 / 3), 3, T2), abs=1e-5)  # [0.899, 3.768]
+    assert rep.comparison("loss/st_threshold=0.9", (("split", "1_8"),)).verdict == "not separable"  # -1, +1, +1
+
+    assert report.main([parent, "--tracking-uri", uri, "--split", "val", "--rows", "loss/st_threshold", "--baseline",
+                        "0", "--out", str(tmp_path / "r"), "--no-log"]) == 0
+    text = capsys.readouterr().out
+    assert "| loss/st_threshold |" in text and "paired differences vs loss/st_threshold=0.0" in text
+    assert report.main([parent, "--tracking-uri", uri, "--rows", "loss/nope", "--no-log"]) == 2
+    assert "--rows loss/nope: no run has this parameter" in capsys.readouterr().err

@@ -203,6 +203,7 @@ class Report:
     comparisons: list[Comparison] = field(default_factory=list)
     subset: str = "unknown"  # the labeled subset across replicates: fixed, varies, mixed, unknown
     split_seeds: list[str] = field(default_factory=list)  # the split/seed values of the runs
+    row_key: str = "loss"  # what the rows (arms) are: the loss preset, or the parameter of --rows
 
     def rep_label(self, rep: tuple[str, str]) -> str:
         return replicate_label(rep, self.split_seeds)
@@ -284,8 +285,11 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def _row_key(preset: str) -> tuple[int, str]:
-    return (ROW_ORDER.index(preset), "") if preset in ROW_ORDER else (len(ROW_ORDER), preset)
+def _row_key(preset: str) -> tuple[Any, ...]:
+    if preset in ROW_ORDER:
+        return (ROW_ORDER.index(preset), (), "")
+    key, eq, value = preset.partition("=")  # an arm of --rows KEY: "KEY=value", in the order of the values
+    return (len(ROW_ORDER), _value_key(key, value) if eq else (), preset)
 
 
 def _value_key(key: str, value: str) -> tuple[Any, ...]:
@@ -346,10 +350,12 @@ def choose_split(runs: Sequence[Any], split: str | None = None) -> tuple[str, li
     return split, []
 
 
-def records_from_runs(runs: Iterable[Any], by: Sequence[str] | None = None,
-                      split: str | None = None) -> tuple[list[Record], list[str], list[str]]:
+def records_from_runs(runs: Iterable[Any], by: Sequence[str] | None = None, split: str | None = None,
+                      rows: str | None = None) -> tuple[list[Record], list[str], list[str]]:
     """Turn MLflow runs into records keyed by (row, column, replicate); returns (records, column keys, notes).
     Each record's ``value`` is the number of the evaluation split (:func:`choose_split`: ``split`` or auto).
+    The rows (arms) are the loss presets, or with ``rows`` the values of that parameter (``loss/st_threshold``):
+    ``"loss/st_threshold=0.7"``.
 
     A run without that number is skipped; of several runs with the same row, column and replicate only the
     latest is kept (a sweep that was run twice into one experiment, a failed run and its rerun).
@@ -368,7 +374,10 @@ def records_from_runs(runs: Iterable[Any], by: Sequence[str] | None = None,
     if skipped:
         notes.append(f"{skipped} run(s) without {metric} (or without a loss tag) left out")
     params = [dict(r.data.params) for r, _ in usable]
-    keys = list(by) if by else varying_keys(params)
+    if rows is not None and not any(rows in p for p in params):
+        found = sorted({k for p in params for k in p if not _ignored(k) or k.startswith("loss/")})
+        raise ReportError(f"--rows {rows}: no run has this parameter (e.g. {', '.join(found[:8])})")
+    keys = [k for k in (list(by) if by else varying_keys(params)) if k != rows]
     if not keys:
         keys = ["split"]
     latest: dict[tuple[Any, ...], Record] = {}
@@ -377,7 +386,8 @@ def records_from_runs(runs: Iterable[Any], by: Sequence[str] | None = None,
         name = tags.get("split", p.get("split/name", "?"))
         col = tuple((k, name if k == "split" else p.get(k, tags.get(k, "?"))) for k in keys)
         rec = Record(
-            run_id=r.info.run_id, row=tags["loss"], col=col, seed=p.get("trainer/seed", tags.get("seed", "?")),
+            run_id=r.info.run_id, row=tags["loss"] if rows is None else f"{rows}={p.get(rows, '?')}", col=col,
+            seed=p.get("trainer/seed", tags.get("seed", "?")),
             best=_metric(r, BEST), last=_metric(r, LAST), dataset=tags.get("dataset", "?"),
             segnet=tags.get("segnet", "?"), backbone=tags.get("backbone", "?"), split=name,
             start_time=int(r.info.start_time or 0), protocol=p.get("dataset/protocol", "aug"),
@@ -438,18 +448,31 @@ def compare(cells: Sequence[Cell], baseline: str) -> tuple[list[Comparison], lis
     return out, notes
 
 
+def _arm_of_value(key: str, value: str, arms: Sequence[str]) -> str:
+    """The arm of ``--rows key`` that ``--baseline value`` names: ``value`` or ``key=value``, numbers by value."""
+    value = value.partition("=")[2] if value.startswith(f"{key}=") else value
+    for arm in arms:
+        mine = arm.partition("=")[2]
+        if mine == value or (_is_number(mine) and _is_number(value) and float(mine) == float(value)):
+            return arm
+    return f"{key}={value}"
+
+
 def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = None, paper: str = "match",
-                 split: str | None = None, baseline: str | None = None) -> Report:
+                 split: str | None = None, baseline: str | None = None, rows: str | None = None) -> Report:
     """Aggregate runs over replicates and pair every arm with the baseline arm.
 
     ``paper``: ``match`` (paper numbers where the setting matches), ``always`` (compare with Table 3 /
     Table 1 at VOC, DeepLabv3+ ResNet-50) or ``never``. ``split``: ``val``, ``test`` or None (test when
     every run has it). ``baseline``: the arm the others are compared with; None: ``suponly`` when the sweep
     has it (else no comparison). A named baseline that the sweep lacks raises :class:`ReportError`.
+    ``rows``: a parameter whose values are the arms instead of the loss presets (paired on the replicates as
+    presets are); ``baseline`` is then one of its values (``0`` matches ``0.0``).
     """
     runs = list(runs)
+    by_value = rows  # the name `rows` below is the list of arms
     split, split_notes = choose_split(runs, split)
-    records, keys, notes = records_from_runs(runs, by, split)
+    records, keys, notes = records_from_runs(runs, by, split, by_value)
     notes = split_notes + notes
     groups: dict[tuple[Any, ...], list[Record]] = {}
     for rec in records:
@@ -476,6 +499,8 @@ def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = 
         if found:
             notes.append("no paper numbers: dataset/segnet/backbone " + ", ".join(found)
                          + " match no table of the paper (--paper always compares with Table 3 anyway)")
+    if baseline is not None and by_value is not None:
+        baseline = _arm_of_value(by_value, baseline, rows)
     if baseline is not None and rows and baseline not in rows:
         raise ReportError(f"baseline arm {baseline!r} is not in this sweep (arms: {', '.join(rows)})")
     chosen = baseline if baseline is not None else (DEFAULT_BASELINE if DEFAULT_BASELINE in rows else None)
@@ -491,5 +516,5 @@ def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = 
     return Report(title=title, by=keys, cells=cells, rows=rows, cols=cols, notes=notes, paper_label=label,
                   switches=switches, split=split, steps=sorted({r.steps for r in records if r.steps}),
                   baseline=chosen if comparisons else None, comparisons=comparisons, subset=_subset(cells, records),
-                  split_seeds=split_seeds)
+                  split_seeds=split_seeds, row_key=by_value or "loss")
 

@@ -87,7 +87,7 @@ def cells_markdown(report: Report, layout: str = "auto") -> str:
     paper_cols = {c.col for c in report.cells if c.paper is not None}
     if layout == "wide":
         show_n = len({c.n for c in report.cells}) > 1
-        header = ["loss"]
+        header = [report.row_key]
         for col in report.cols:
             lab = col_label(col, report.by)
             header.append(lab)
@@ -103,7 +103,7 @@ def cells_markdown(report: Report, layout: str = "auto") -> str:
                     line += ([f"{c.paper:.1f}", _signed(c.delta)] if c and c.paper is not None else ["", ""])
             body.append(line)
     else:
-        header = ["loss", *_col_header(report), "n", "mean", "std", f"{CONFIDENCE:.0%} CI"] + (
+        header = [report.row_key, *_col_header(report), "n", "mean", "std", f"{CONFIDENCE:.0%} CI"] + (
             [report.paper_label, "Δ"] if paper_cols else [])
         body = []
         for c in report.cells:
@@ -120,7 +120,7 @@ def _per_replicate(report: Report, c: Comparison) -> str:
 
 
 def paired_markdown(report: Report) -> str:
-    header = ["loss", *_col_header(report), "paired", "per replicate", "mean", f"{CONFIDENCE:.0%} CI", "same sign",
+    header = [report.row_key, *_col_header(report), "paired", "per replicate", "mean", f"{CONFIDENCE:.0%} CI", "same sign",
               "verdict"]
     body = []
     for c in report.comparisons:

@@ -146,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the evaluation split of every number (default: test when every run logged test/miou, else val)")
     ap.add_argument("--baseline", default=None,
                     help="the arm (loss preset) every other arm is compared with (default: suponly when the sweep has it)")
+    ap.add_argument("--rows", default=None, metavar="KEY",
+                    help="arms are the values of this parameter (e.g. loss/st_threshold), not the loss presets; "
+                         "--baseline then names one value")
     ap.add_argument("--layout", choices=("auto", "wide", "long"), default="auto")
     ap.add_argument("--include-unfinished", action="store_true", help="also use RUNNING/FAILED/KILLED runs that logged final metrics")
     ap.add_argument("--out", default=None, help="directory for table.md, table.csv and chart.png (default: reports/<sweep>)")
@@ -188,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if r.info.status in statuses and r.data.tags.get(SWEEP_TAG) != "true"]
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
     try:
-        report = build_report(runs, title=title, by=by, paper=args.paper, split=args.split, baseline=args.baseline)
+        report = build_report(runs, title=title, by=by, paper=args.paper, split=args.split, baseline=args.baseline,
+                              rows=args.rows)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
