@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcc.engine import distributed as ddp  # noqa: E402
+from dcc import distributed as ddp  # noqa: E402
 
 CASES = ("supervised", "cac_per_view", "cac_shared")
 TOL = {"loss": 1e-5, "grads": 1e-4, "running": 1e-5}

@@ -7,6 +7,8 @@ full_key: segnet.name``). Cross-field rules that a type cannot express live in :
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional, TypeVar
@@ -108,7 +110,7 @@ RESULT_NEUTRAL_KEYS = (
     "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
     # The number of processes does not change what is computed, by design: the total batch, the data stream
     # and its augmentation, the loss normalisation and the negative bank are those of one process (see
-    # dcc/engine/distributed.py), so a run may resume on another number of GPUs from the same directory.
+    # dcc/distributed.py), so a run may resume on another number of GPUs from the same directory.
     "trainer/devices", "trainer/nodes", "trainer/dist_backend",
 )
 
@@ -304,7 +306,7 @@ class TrainerConfig:
     resume: str = "auto"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under several processes: cuda:LOCAL_RANK)
-    devices: int = 1  # processes (GPUs) per machine; > 1: data-parallel training, see dcc/engine/distributed.py
+    devices: int = 1  # processes (GPUs) per machine; > 1: data-parallel training, see dcc/distributed.py
     nodes: int = 1  # machines (a launcher must start the processes on each: hydra/launcher=slurm, torchrun)
     dist_backend: DistBackend = DistBackend.auto  # torch.distributed backend: auto (nccl on GPUs, gloo on CPU)
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
@@ -520,3 +522,17 @@ def _validate_network(segnet: Any, backbone: Any, ds: Any) -> None:
             segnet.consistency_stride % 4 == 0,
             f"segnet.consistency_stride must be a multiple of the decoder stride 4, got {segnet.consistency_stride}",
         )
+
+
+# Hydra's override grammar reads 1_8 as the integer 18 (Python-style digit separators), and a config
+# group option must be a string; quote split names so that ``split=1_8`` and ``split=1_8,1_4`` work.
+_SPLIT_OVERRIDE = re.compile(r"^(?P<key>[+~]{0,2}split)=(?P<value>.*)$")
+_BARE_SPLIT = re.compile(r"(?<![\w'\".])(\d+_\d+)(?![\w'\".])")
+
+
+def quote_split_overrides(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        m = _SPLIT_OVERRIDE.match(arg)
+        out.append(m["key"] + "=" + _BARE_SPLIT.sub(r"'\1'", m["value"]) if m else arg)
+    return out

@@ -1,6 +1,6 @@
 """Data-parallel training on CPU (gloo): 2 processes with B/2 images each take the step 1 process takes with B.
 
-The processes are started with ``dcc.engine.distributed.spawn`` (torch.multiprocessing, spawn, a free port), the
+The processes are started with ``dcc.distributed.spawn`` (torch.multiprocessing, spawn, a free port), the
 spawner ``run.py trainer.devices=2`` uses.
 """
 
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from dcc.engine import checkpoint
-from dcc.engine import distributed as ddp
+from dcc import distributed as ddp
 from dcc.config import ConfigError, validate
 from dcc.data.build import StepSampler, build_data, labeled_loader
 from tests.conftest import ROOT, compose_cfg
@@ -44,7 +44,7 @@ def _one_step(cfg, state_dir: str, record: str | None = None) -> dict[str, float
     there), BN in training mode; returns rank 0's logged metrics. With ``record``, each rank writes
     ``record/rank<r>.pt``: the gradients of the last step (after the average over ranks) and the BN buffers
     right after that step's forward passes (before any averaging of buffers)."""
-    from dcc.engine.distributed import resolve_device
+    from dcc.distributed import resolve_device
     from dcc.engine.trainer import fit
 
     average = ddp.average_gradients
@@ -258,7 +258,7 @@ import hydra
 import dcc.engine.trainer as trainer
 from dcc.cli import quote_split_overrides
 from dcc.config import register_configs
-from dcc.engine import distributed as ddp
+from dcc import distributed as ddp
 
 step = trainer.Trainer.step
 

@@ -126,7 +126,7 @@ def test_self_training_measures_the_student_on_test_not_the_teacher(tiny_overrid
     data = build_data(cfg)
     events: list[str] = []
     data.test = _Spy(data.test, events)
-    from dcc.method.selftrain import self_train
+    from dcc.engine.selftrain import self_train
 
     tracker = _Recorder()
     result = self_train(cfg, data, torch.device("cpu"), tracker, tmp_path / "st")
@@ -208,7 +208,7 @@ class _FixedLogits(torch.nn.Module):
 
 @pytest.mark.parametrize("threshold, right", [(0.0, 1), (0.5, 1), (0.7, 255), (0.9, 255)])
 def test_st_threshold_turns_low_confidence_pixels_into_ignore(tiny_overrides, threshold, right):
-    from dcc.method.selftrain import pseudo_label
+    from dcc.engine.selftrain import pseudo_label
 
     cfg = compose_cfg(tiny_overrides + ["loss=st", f"loss.st_threshold={threshold}"])
     data = build_data(cfg)

@@ -288,7 +288,7 @@ def test_run_name_carries_backbone_and_swept_values(tiny_overrides, monkeypatch)
 
     cfg = compose_cfg(tiny_overrides + ["loss.weight=0.3"])
     assert dcc.engine.job.run_name(cfg) == "ablation_viii-1_4-resnet18-s42"
-    monkeypatch.setattr(dcc.engine.job, "swept_values", lambda c: [("loss.weight", "0.3"), ("segnet", "pspnet")])
+    monkeypatch.setattr(dcc.engine.naming, "swept_values", lambda c: [("loss.weight", "0.3"), ("segnet", "pspnet")])
     assert dcc.engine.job.run_name(cfg) == "ablation_viii-1_4-resnet18-s42-weight=0.3-pspnet"
 
 

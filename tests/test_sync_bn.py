@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcc.engine import distributed as ddp
+from dcc import distributed as ddp
 from dcc.method.models.grouped_bn import per_group_batch_norm
 from dcc.method.models.sync_bn import SyncGroupedBatchNorm, convert_sync_batch_norm
 from tests.conftest import compose_cfg

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dcc.engine import distributed as ddp
+from dcc import distributed as ddp
 from dcc.config import DatasetName, VocProtocol, choice
 from dcc.data.datasets import ArraySource, LabeledDataset, UnlabeledPairDataset
 from dcc.data.digits import load_digit_scenes

@@ -146,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from hydra import compose, initialize_config_dir
 
-    from dcc.cli import quote_split_overrides
-    from dcc.config import register_configs
+    from dcc.config import quote_split_overrides, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from dcc.config import plain
 from dcc.data.digits import cache_path, digit_pools, load_mnist, render_scenes
-from dcc.engine.tracking import file_lock
+from dcc.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m dcc.data.digits_pretrain [--force] [overrides...]``: build (or rebuild) the cached backbone."""
     from hydra import compose, initialize_config_dir
 
-    from dcc.cli import quote_split_overrides
-    from dcc.config import register_configs
+    from dcc.config import quote_split_overrides, register_configs
 
     args = list(sys.argv[1:] if argv is None else argv)
     force = "--force" in args

@@ -25,10 +25,10 @@ def project_errors() -> tuple[type[BaseException], ...]:
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     from dcc.engine.checkpoint import CheckpointError
-    from dcc.engine.distributed import RankError
+    from dcc.distributed import RankError
     from dcc.config import ConfigError
     from dcc.data.files import DataError
-    from dcc.method.models.backbone import WeightsError
+    from dcc.method.models.weights import WeightsError
     from dcc.engine.preflight import PreflightError
     from dcc.engine.trainer import NonFiniteLossError
     from dcc.engine.tracking import StoreError, TrackingLost

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcc.engine import distributed as ddp
+from dcc import distributed as ddp
 from dcc.engine.metrics import confusion_matrix, mean_average_precision, present_classes, scores
 
 Model = Callable[[torch.Tensor], torch.Tensor]

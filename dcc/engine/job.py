@@ -7,107 +7,25 @@ Training: every check first (dcc/engine/preflight.py, then the data), then what 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.engine import distributed as ddp
+from dcc import distributed as ddp
 from dcc.engine import preflight, resume
-from dcc.config import CheckpointLog, ConfigError, Method, choice, result_neutral, validate
-from dcc.engine.tracking import (TrackingLost, open_client, PARENT_RUN_ENV, PARENT_TAG, SWEPT_KEYS_ENV, NullTracker, flatten, git_commit, logging_off,
+from dcc.config import CheckpointLog, ConfigError, Method, choice, validate
+from dcc.engine.tracking import (TrackingLost, open_client, PARENT_RUN_ENV, PARENT_TAG, NullTracker, flatten, git_commit, logging_off,
                           make_tracker, tracking_uri)
 
+from dcc.engine.naming import plain_config, run_dir_for, run_name
+
 log = logging.getLogger(__name__)
-
-def plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python (enums as their names)."""
-    def conv(v: Any) -> Any:
-        if isinstance(v, Enum):
-            return v.name
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(OmegaConf.to_container(cfg, resolve=True))
-
-
-def _dir_stem(cfg: DictConfig) -> str:
-    return f"{cfg.loss.preset}-{cfg.split.name}-s{cfg.trainer.seed}"
-
-
-def swept_values(cfg: DictConfig) -> list[tuple[str, str]]:
-    """``(key, value)`` of this job's overrides that its sweep varies (keys from :data:`SWEPT_KEYS_ENV`, set by
-    the sweep callback); empty outside a sweep."""
-    keys = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
-    if not keys:
-        return []
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001 - not under Hydra
-        return []
-    out = []
-    for o in overrides:
-        key, _, value = o.partition("=")
-        key = key.lstrip("+~")
-        if key in keys and key not in _NAMED_KEYS:
-            out.append((key, value.strip("'\"")))
-    return out
-
-
-_NAMED_KEYS = ("loss", "loss.preset", "split", "split.name", "backbone", "backbone.name", "trainer.seed")
-
-
-def run_name(cfg: DictConfig) -> str:
-    """The MLflow run name: preset, split, backbone, seed and the values the sweep varies
-    (``ablation_viii-1_8-resnet50-s42-weight=0.3``)."""
-    from dcc.sweeps.render import short
-
-    name = f"{cfg.loss.preset}-{cfg.split.name}-{cfg.backbone.name}-s{cfg.trainer.seed}"
-    for key, value in swept_values(cfg):
-        group = "." not in key  # a config group (segnet=pspnet): its option says it all
-        name += f"-{short(value)}" if group else f"-{key.rsplit('.', 1)[-1]}={short(value)}"
-    return name
-
-
-def run_dir_for(cfg: DictConfig, launch_dir: Path) -> Path:
-    """``<runs_root>/<experiment>/<preset>-<split>-s<seed>-<hash of the config without the result-neutral keys>``.
-
-    The keys of :data:`dcc.config.RESULT_NEUTRAL_KEYS` (logging, workers, devices, ...) are left out of the hash.
-    ``dataset.root`` is one of them (VOC mounted elsewhere is the same data), except where the root *is* the
-    data: for ``dataset=folder`` the hash takes the data's identity (:func:`dcc.data.folder.fingerprint`)."""
-    flat = {k: v for k, v in flatten(plain_config(cfg)).items() if not result_neutral(k)}
-    identity = data_identity(cfg)
-    if identity is not None:
-        flat["dataset/identity"] = identity
-    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    root = Path(cfg.trainer.runs_root)
-    root = root if root.is_absolute() else launch_dir / root
-    return root / str(cfg.logger.experiment) / f"{_dir_stem(cfg)}-{digest}"
-
-
-def data_identity(cfg: DictConfig) -> str | None:
-    """What identifies the data beyond the hashed config: a folder dataset's fingerprint (root and file lists);
-    None where the config says it all (the embedded scenes: their parameters; VOC/Cityscapes: the same data
-    wherever they are mounted)."""
-    if str(cfg.dataset.name) != "folder" or cfg.dataset.root in (None, ""):
-        return None
-    from dcc.data.folder import fingerprint
-
-    return fingerprint(cfg.dataset.root)
-
 
 def summary(cfg: DictConfig) -> str:
     from dcc.method.models import build_model
@@ -244,7 +162,7 @@ def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
 
 def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any, run_dir: Path) -> float:
     from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
-    from dcc.method.selftrain import self_train
+    from dcc.engine.selftrain import self_train
     from dcc.engine.trainer import fit
     from dcc.engine.trial_link import TrialPruned
 

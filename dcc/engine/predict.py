@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from dcc.data.files import DataError, read_image
-from dcc.engine.distributed import resolve_device
+from dcc.distributed import resolve_device
 from dcc.engine.evaluate import eval_options, predict
 from dcc.engine.visualize import dataset_palette, palette
 

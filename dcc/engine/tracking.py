@@ -7,7 +7,6 @@ and a resumed job never depend on a global "active run".
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from dcc.config import LoggerName, choice
+from dcc.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,6 @@ PARENT_TAG = "mlflow.parentRunId"
 # GenAI overview); the note tag is a run's description, rendered as Markdown.
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (created) between processes of this machine; released on exit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class StoreError(RuntimeError):

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from dcc.engine import checkpoint as ckpt
-from dcc.engine import distributed as ddp
+from dcc import distributed as ddp
 from dcc.config import Method, Precision, ViewBN, choice
 from dcc.method.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
@@ -36,6 +36,7 @@ from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.engine.evaluate import eval_options, evaluate
 from dcc.method.losses import cross_entropy
 from dcc.method.models import Segmentor, build_model
+from dcc.method.models.sync_bn import convert_sync_batch_norm
 from dcc.engine.optim import build_optimizer, poly_scheduler
 from dcc.engine.preemption import PreemptionGuard
 from dcc.engine.resume import continue_command, damaged, resume_mode
@@ -49,6 +50,14 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(RuntimeError):
     pass
 
+
+
+def sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Under several processes, every BN layer becomes the project's synchronized batch norm
+    (:class:`dcc.method.models.sync_bn.SyncGroupedBatchNorm`): training statistics over the whole batch of all
+    ranks, per view with ``trainer.view_bn=per_view``, reduced with ordinary collectives, so on gloo (CPU) as on
+    NCCL (GPU). One process: the model is returned unchanged."""
+    return module if ddp.world_size() == 1 else convert_sync_batch_norm(module)
 
 @dataclass
 class FitResult:
@@ -145,7 +154,7 @@ class Trainer:
         model = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
         if method is not Method.cac and model.projector is not None:
             model.projector = None
-        model = ddp.sync_batchnorm(model, device)  # several processes: BN statistics over the whole batch (per view)
+        model = sync_batchnorm(model)  # several processes: BN statistics over the whole batch (per view)
         ddp.seed_rank(tc.seed)  # same initial weights on every rank, then distinct dropout / sampling streams
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)

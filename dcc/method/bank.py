@@ -11,7 +11,7 @@ from collections import deque
 import torch
 from torch import Tensor
 
-from dcc.engine import distributed as ddp
+from dcc import distributed as ddp
 
 
 class NegativeBank:

@@ -15,7 +15,7 @@ exact and stable in float32 even at ``tau = 0.05`` with tens of thousands of neg
 authors' code, the normaliser ``|M|`` is the number of pixels that pass the mask in the whole batch
 (not N, not per image); an empty mask gives an exact zero. Under torch.distributed "the whole batch"
 is the global one: ``|M|`` is summed over ranks and the loss scaled by the world size
-(``dcc.engine.distributed.global_mean``), so that averaging gradients over ranks gives the gradient of the
+(``dcc.distributed.global_mean``), so that averaging gradients over ranks gives the gradient of the
 single-process loss.
 Eq. (2): directional mask ``M_d = 1{conf_a < conf_p}``; with it the positive is detached, so
 ``l(1 -> 2)`` only back-propagates to ``phi_o1`` (``directional=True``). Without it (ablation row V,
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dcc.engine.distributed import global_mean, world_size
+from dcc.distributed import global_mean, world_size
 
 __all__ = ["anchor_mask", "cross_entropy", "directional_contrastive_loss", "l2_alignment_loss", "weak_classification_loss"]
 
@@ -60,7 +60,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """Supervised loss: mean cross-entropy over the pixels that are not ``ignore_index``.
 
     Under torch.distributed, the mean over those pixels of the global batch (their count summed over
-    ranks, see ``dcc.engine.distributed.global_mean``): ranks hold different numbers of valid pixels, so the
+    ranks, see ``dcc.distributed.global_mean``): ranks hold different numbers of valid pixels, so the
     mean of per-rank means would not be the single-process loss.
     """
     if world_size() == 1:
@@ -280,7 +280,7 @@ def l2_alignment_loss(feat1: Tensor, feat2: Tensor) -> Tensor:
 
     Returns the mean over the N overlap pixels of ``||feat1_i - feat2_i||^2``, with gradients to
     both views; exact 0 (connected to both inputs) when N == 0. Under torch.distributed N is summed over
-    ranks (see ``dcc.engine.distributed.global_mean``).
+    ranks (see ``dcc.distributed.global_mean``).
     """
     sq = (feat1 - feat2).pow(2).sum(dim=1)  # [N]
     return global_mean(sq.sum(), sq.numel(), min_count=1)

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
+from dcc.engine.naming import short
 from dcc.sweeps.aggregate import CONFIDENCE, Cell, Comparison, Report
 
 NOT_SEPARABLE_N1 = "n=1: no interval; differences not separable"
@@ -31,14 +32,6 @@ def _ci(ci: tuple[float, float] | None, signed: bool = False) -> str:
 
 def _signed(x: float | None) -> str:
     return "" if x is None else f"{x:+.1f}"
-
-
-def short(value: str) -> str:
-    """A swept value for display: long floats (Optuna's) to 4 significant digits."""
-    try:
-        return f"{float(value):.4g}" if len(value) > 6 and "." in value else value
-    except ValueError:
-        return value
 
 
 def col_label(col: tuple[tuple[str, str], ...], keys: Sequence[str]) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from dcc.config import Method, SegNetName, choice, plain
-from dcc.method.models.backbone import Backbone, WeightsError, build_backbone, load_local_weights
+from dcc.method.models.backbone import Backbone, build_backbone
+from dcc.method.models.weights import WeightsError, load_local_weights
 from dcc.method.models.heads import DeepLabV3PlusHead, PSPHead
 from dcc.method.models.segmentor import Projector, Segmentor
 

@@ -13,89 +13,17 @@ import functools
 import json
 import logging
 import os
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import timm
 import torch
 from torch import nn
 
 from dcc.method.models.vgg import dilate_vgg, is_vgg
+from dcc.method.models.vit import ViTBackbone, is_vit
+from dcc.method.models.weights import WeightsError, load_local_weights
 
 log = logging.getLogger(__name__)
-
-_WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
-_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
-
-
-class WeightsError(RuntimeError):
-    pass
-
-
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj), None)
-        if inner is None:
-            raise WeightsError(f"{path}: no state dict found (top-level keys: {sorted(obj)[:10]})")
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    state = {}
-    for key, value in obj.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        state[key] = value
-    return state
-
-
-def load_local_weights(
-    model: nn.Module, path: str | os.PathLike,
-    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-) -> dict[str, list[str]]:
-    """Load a torchvision- or timm-format state dict from ``path`` (``.pth``/``.pt``/``.bin``, or ``.safetensors``)
-    into ``model`` (non-strict); ``convert`` rewrites the unwrapped state dict first (ViT: timm's filter).
-
-    Returns ``{"missing": [...], "unexpected": [...]}`` and logs both; the classifier (``fc.*``) of an
-    ImageNet checkpoint is the usual unexpected entry. Fails when no tensor matched at all, or when a
-    matched key has the wrong shape (a checkpoint of another architecture).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"backbone.weights: no such file {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(str(path), device="cpu")
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path
-        raise WeightsError(f"backbone.weights: cannot read {path}: {exc}") from exc
-    state = _unwrap_state_dict(raw, path)
-    if convert is not None:
-        state = convert(state)
-    own = model.state_dict()
-    # timm's features_only wrapper flattens a top-level Sequential: VGG's features.0.weight is features_0.weight there
-    state = {k if k in own or k.replace(".", "_", 1) not in own else k.replace(".", "_", 1): v for k, v in state.items()}
-    shape_errors = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if shape_errors:
-        raise WeightsError(f"{path}: shape mismatch for {len(shape_errors)} tensors, e.g. {shape_errors[:3]}")
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if len(missing) == len([k for k in own if not k.endswith("num_batches_tracked")]):
-        raise WeightsError(f"{path}: none of its {len(state)} tensors match the backbone (wrong architecture?)")
-    log.info(
-        "loaded %s: %d tensors, missing %d %s, unexpected %d %s",
-        path, len(state) - len(result.unexpected_keys), len(missing), missing[:5],
-        len(result.unexpected_keys), list(result.unexpected_keys)[:5],
-    )
-    return {"missing": missing, "unexpected": list(result.unexpected_keys)}
-
 
 def _apply_multi_grid(model: nn.Module, multi_grid: Sequence[int], output_stride: int) -> None:
     """DeepLab multi-grid: the 3x3 convs of the last stage get dilation (32 / output_stride) x (1, 2, 4).
@@ -188,8 +116,6 @@ def build_backbone(name: str, **options: Any) -> nn.Module:
     """The backbone for timm model ``name``: :class:`dcc.method.models.vit.ViTBackbone` for plain ViTs and the DINOv2
     family, else :class:`Backbone`. Both return ``(low, high)`` features and expose ``low_stride``,
     ``low_channels``, ``high_channels``, ``output_stride`` and ``body`` (the pretrained part)."""
-    from dcc.method.models.vit import ViTBackbone, is_vit
-
     if is_vit(name):
         return ViTBackbone(name, **options)
     return Backbone(name, **options)
@@ -205,8 +131,6 @@ def check_backbone(name: str, *, output_stride: int, segnet: str, kwargs: Mappin
 
 @functools.lru_cache(maxsize=64)
 def _check_cached(name: str, output_stride: int, segnet: str, kwargs_json: str, vit_blocks: tuple[int, ...]) -> str | None:
-    from dcc.method.models.vit import is_vit
-
     works = f"Backbones that work: {WORKING_FAMILIES}."
     if not timm.is_model(name):
         return f"backbone.name={name!r} is not a timm model (see timm.list_models()). {works}"

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcc.method.models.weights import WeightsError, load_local_weights
+
 VIT_MODULES = ("vision_transformer", "deit")  # timm modules of the plain ViT class (DINOv2, DINO, DeiT, CLIP, ...)
 
 
@@ -84,8 +86,6 @@ class ViTBackbone(nn.Module):
         vit_blocks: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        from dcc.method.models.backbone import WeightsError, load_local_weights
-
         if pretrained and not allow_download:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         extra = {"dynamic_img_size": True, **dict(kwargs or {}), "num_classes": 0}

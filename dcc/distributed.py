@@ -16,7 +16,7 @@ each backward (:func:`average_gradients`, bucketed all_reduce); the supervised a
 normalised by counts summed over ranks (:func:`global_mean`); the negative bank is all-gathered
 (``dcc.method.bank``); logged scalars are averaged once per log interval (:func:`mean_over_ranks`); BN buffers
 are averaged before evaluation and checkpoints (:func:`average_buffers`; with the synchronized batch norm of
-:func:`sync_batchnorm` they already agree, so this only guards against drift).
+:func:`dcc.engine.trainer.sync_batchnorm` they already agree, so this only guards against drift).
 """
 
 from __future__ import annotations
@@ -335,7 +335,7 @@ def broadcast_module(module: nn.Module) -> None:
 
 def average_buffers(module: nn.Module) -> None:
     """Floating-point buffers (BN running statistics) averaged over ranks. With the synchronized batch norm
-    (:func:`sync_batchnorm`) every rank updates them from the same reduced statistics, so they already agree;
+    (:func:`dcc.engine.trainer.sync_batchnorm`) every rank updates them from the same reduced statistics, so they already agree;
     this keeps them identical to the last bit before evaluation and checkpoints."""
     if world_size() == 1:
         return
@@ -358,18 +358,6 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Under several processes, every BN layer becomes the project's synchronized batch norm
-    (:class:`dcc.method.models.sync_bn.SyncGroupedBatchNorm`): training statistics over the whole batch of all
-    ranks, per view with ``trainer.view_bn=per_view``, reduced with ordinary collectives, so on gloo (CPU) as on
-    NCCL (GPU). One process: the model is returned unchanged. ``device`` is kept for the callers' signature."""
-    if world_size() == 1:
-        return module
-    from dcc.method.models.sync_bn import convert_sync_batch_norm  # engine -> method, imported when needed
-
-    return convert_sync_batch_norm(module)
-
-
 def seed_rank(seed: int) -> None:
     """Distinct torch RNG streams per rank (dropout, negative sampling) after a common model init."""
     if world_size() > 1:
