@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -192,6 +193,38 @@ def _reference_step(model, x, y, batch, *, tau, gamma, weight, ignore=255):
     return ce, ldc, ce + weight * ldc, info
 
 
+class _GradRecorder:
+    """Stands in for the optimiser: records the gradients Trainer.step produced, applies nothing."""
+
+    def __init__(self, params):
+        self.params, self.grads = params, None
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+
+
+def _trainer_step(cfg, model, x, y, unlabeled, params):
+    """``dcc.engine.trainer.Trainer.step`` (unchanged) on a minimal trainer: the model, the CAC branch of the config,
+    the step past ``loss.start_step``, fp32, one process."""
+    from types import SimpleNamespace
+
+    from dcc.engine.trainer import Trainer
+
+    recorder = _GradRecorder(params)
+    trainer = SimpleNamespace(
+        cfg=cfg, model=model, branch=ConsistencyBranch(cfg.loss), ignore=255, optimizer=recorder,
+        scaler=torch.amp.GradScaler("cpu", enabled=False), scheduler=SimpleNamespace(step=lambda: None),
+        progress=SimpleNamespace(step=cfg.loss.start_step), _autocast=lambda: contextlib.nullcontext(),
+        _unlabeled_batch=lambda: unlabeled)
+    terms = Trainer.step(trainer, x, y)
+    assert recorder.grads is not None, "Trainer.step did not step its optimiser"
+    return terms, recorder.grads
+
+
 def test_one_cac_step_equals_an_independent_recomputation():
     """Small model, BN frozen, dropout off, every cell a negative; two pairs with known offsets: pair 0 a padded
     image (40 x 72 scaled, padded to 48 rows) with a horizontal shift and view 2 flipped, pair 1 an unpadded image
@@ -234,11 +267,10 @@ def test_one_cac_step_equals_an_independent_recomputation():
     y[0, :, :10] = 255  # ignored pixels
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # the project's step (as dcc.engine.trainer.fit composes it)
-    ce = cross_entropy(model(x).float(), y, 255)
-    loss_u = ConsistencyBranch(cfg.loss)(model, batch)["loss_u"]
-    total = ce + cfg.loss.weight * loss_u
-    grads = torch.autograd.grad(total, params, allow_unused=True)
+    # the project's step itself: Trainer.step on this model, this labeled batch and this unlabeled pair batch, the
+    # gradients taken where its optimiser would apply them
+    terms, grads = _trainer_step(cfg, model, x, y, batch, params)
+    ce, loss_u = terms["loss_ce"], terms["loss_u"]
 
     ref_ce, ref_ldc, ref_total, info = _reference_step(model, x, y, batch, tau=cfg.loss.temperature,
                                                        gamma=cfg.loss.pos_threshold, weight=cfg.loss.weight)

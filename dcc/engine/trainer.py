@@ -176,7 +176,7 @@ class Trainer:
                         "trainer.view_bn=shared avoids the question", self.prefix, ddp.world_size())
         self.autocast = _autocast(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is not None
-                                           and str(tc.precision).endswith("fp16"))
+                                           and choice(tc.precision, Precision) is Precision.fp16)
         self.progress = _Progress()
         self.meter = _Meter()
         self.unlabeled: Iterator[dict[str, torch.Tensor]] | None = None  # opened at loss.start_step
@@ -215,7 +215,7 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One update on a labeled batch (and, for CAC from ``loss.start_step``, an unlabeled pair batch):
 
-        ``L = L_ce + lambda L_dc (+ lambda_w L_w)`` (paper Eq. 4 and Eq. 10; lambda = ``loss.weight``,
+        ``L = L_ce + lambda L_dc (+ lambda_w L_w)`` (paper Eq. 8 and Eq. 10; lambda = ``loss.weight``,
         lambda_w = ``loss.weak_weight``; ``loss_u`` is L_dc, or the L2 alignment of ablation row I).
         """
         loss_cfg = self.cfg.loss
@@ -337,7 +337,7 @@ class Trainer:
     def log_losses(self) -> None:
         scalars = self.meter.flush()  # raises on a non-finite loss before anything is saved
         if scalars:
-            scalars["lr"] = self.optimizer.param_groups[1]["lr"]
+            scalars["lr"] = next(g["lr"] for g in self.optimizer.param_groups if g.get("name") == "head")  # not the backbone's
             self.tracker.log_metrics({f"{self.prefix}{'' if k.startswith('diag/') else 'train/'}{k}": v
                                       for k, v in scalars.items()}, self.progress.step)
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}, refresh=False)
