@@ -259,3 +259,15 @@ def test_the_trainer_asks_for_the_unlabeled_augmentation_on_the_pseudo_stream_on
         next(t._labeled_batches())
     assert calls == [("labeled", False), ("pseudo", True), ("labeled", False), ("pseudo", False)]
     assert compose_cfg(["loss=st"]).loss.st_unlabeled_aug is True  # the preset runs ST with it
+
+
+def test_self_training_keys_leave_the_other_arms_run_directories_alone(tmp_path):
+    """`loss=suponly,st loss.st_threshold=0.7 loss.teacher_checkpoint=...`: the SupOnly run is the one already made
+    (it does not read them); ST's directory is its own per threshold."""
+    st_keys = ["loss.st_threshold=0.7", "loss.st_unlabeled_aug=false", "loss.teacher_checkpoint=/t/s${trainer.seed}.pt"]
+    for preset in ("suponly", "ablation_viii"):
+        plain = compose_cfg([f"loss={preset}", "trainer.seed=1"])
+        assert run_dir_for(compose_cfg([f"loss={preset}", "trainer.seed=1"] + st_keys), tmp_path) == \
+            run_dir_for(plain, tmp_path)
+    st = [run_dir_for(compose_cfg(["loss=st", "trainer.seed=1", f"loss.st_threshold={v}"]), tmp_path) for v in (0, 0.7)]
+    assert st[0] != st[1]

@@ -266,3 +266,29 @@ def test_arms_can_be_the_values_of_a_parameter_paired_on_the_replicates(store, t
     assert "| loss/st_threshold |" in text and "paired differences vs loss/st_threshold=0.0" in text
     assert report.main([parent, "--tracking-uri", uri, "--rows", "loss/nope", "--no-log"]) == 2
     assert "--rows loss/nope: no run has this parameter" in capsys.readouterr().err
+
+
+def test_self_training_settings_pair_st_with_the_other_arms_and_name_its_rows_when_they_vary(store):
+    """A sweep `loss=suponly,st loss.st_threshold=...`: the SupOnly runs it met logged the default threshold (they do
+    not read it), so the threshold is no column; ST's rows carry it where the sweep's ST runs differ in it."""
+    uri, client, exp = store
+    parent = _parent(client, exp, "st_mixed")
+    for r, v in enumerate([0.50, 0.52, 0.51], start=1):
+        _log_run(client, exp, parent, preset="suponly", seed=r, split_seed=r, best=v, last=v, test=v,
+                 params={"loss/st_threshold": "0.0", "loss/teacher_checkpoint": "None"})
+        for threshold, gain in (("0.7", 0.02), ("0.9", -0.01)):
+            _log_run(client, exp, parent, preset="st", seed=r, split_seed=r, best=v, last=v, test=v + gain,
+                     params={"loss/st_threshold": threshold, "loss/teacher_checkpoint": f"/t/s{r}.pt"})
+    rep = report.build_report(report.sweep_children(client, client.get_run(parent)), title="t")
+    assert rep.by == ["split"] and rep.rows == ["suponly", "st[st_threshold=0.7]", "st[st_threshold=0.9]"]
+    high = rep.comparison("st[st_threshold=0.7]", (("split", "1_8"),))
+    assert high.diffs == pytest.approx([2.0, 2.0, 2.0]) and high.n == 3
+    # one threshold among the ST runs: the row is plain "st", still paired with SupOnly
+    parent = _parent(client, exp, "st_one")
+    for r, v in enumerate([0.50, 0.52, 0.51], start=1):
+        _log_run(client, exp, parent, preset="suponly", seed=r, split_seed=r, best=v, last=v, test=v,
+                 params={"loss/st_threshold": "0.0"})
+        _log_run(client, exp, parent, preset="st", seed=r, split_seed=r, best=v, last=v, test=v + 0.01,
+                 params={"loss/st_threshold": "0.7"})
+    rep = report.build_report(report.sweep_children(client, client.get_run(parent)), title="t")
+    assert rep.rows == ["suponly", "st"] and rep.comparison("st", (("split", "1_8"),)).diffs == pytest.approx([1.0] * 3)

@@ -11,8 +11,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.config import result_neutral
+from dcc.config import LossConfig, Method, choice, result_neutral
 from dcc.engine.tracking import SWEPT_KEYS_ENV, flatten
+
+
+# read by self-training only (dcc/engine/selftrain.py)
+ST_ONLY_KEYS = ("teacher_checkpoint", "st_threshold", "st_unlabeled_aug")
 
 
 def short(value: str) -> str:
@@ -78,10 +82,17 @@ def run_name(cfg: DictConfig) -> str:
 def run_dir_for(cfg: DictConfig, launch_dir: Path) -> Path:
     """``<runs_root>/<experiment>/<preset>-<split>-s<seed>-<hash of the config without the result-neutral keys>``.
 
-    The keys of :data:`dcc.config.RESULT_NEUTRAL_KEYS` (logging, workers, devices, ...) are left out of the hash.
+    The keys of :data:`dcc.config.RESULT_NEUTRAL_KEYS` (logging, workers, devices, ...) are left out of the hash;
+    self-training's own keys (:data:`ST_ONLY_KEYS`) count as their defaults in any other method's hash, so that a
+    sweep ``loss=suponly,st loss.st_threshold=0.7`` meets the SupOnly run it already has.
     ``dataset.root`` is one of them (VOC mounted elsewhere is the same data), except where the root *is* the
     data: for ``dataset=folder`` the hash takes the data's identity (:func:`dcc.data.folder.fingerprint`)."""
     flat = {k: v for k, v in flatten(plain_config(cfg)).items() if not result_neutral(k)}
+    if choice(cfg.loss.method, Method) is not Method.st:  # keys only self-training reads: hashed as their defaults
+        defaults = LossConfig()
+        for key in ST_ONLY_KEYS:
+            if f"loss/{key}" in flat:
+                flat[f"loss/{key}"] = getattr(defaults, key)
     identity = data_identity(cfg)
     if identity is not None:
         flat["dataset/identity"] = identity

@@ -14,11 +14,13 @@ it, else ``val/final_miou`` (:func:`choose_split`).
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from dcc.config import result_neutral
+from dcc.engine.naming import ST_ONLY_KEYS
 from dcc.sweeps.paper import ROW_ORDER, paper_miou, switches_label
 
 BEST, LAST, TEST = "val/best_miou", "val/final_miou", "test/miou"
@@ -36,6 +38,11 @@ SEED_KEYS = REPLICATE_KEYS
 DERIVED_PREFIXES = ("split_manifest/",)
 ROW_KEYS = ("loss/preset", "loss/method", "loss/proj", "loss/context", "loss/cl", "loss/dir", "loss/ns", "loss/pf",
             "loss/weak", "dataset/image_labels")
+# self-training's own keys (dcc.engine.naming.ST_ONLY_KEYS): never columns, since the other arms do not read them (a
+# sweep loss=suponly,st loss.st_threshold=0.7 pairs ST with the SupOnly runs it met); where they vary between the ST
+# runs of a sweep they name ST's rows (st[st_threshold=0.7]); the teacher file is per replicate, not a setting
+ST_ROW_KEYS = tuple(f"loss/{k}" for k in ST_ONLY_KEYS if k != "teacher_checkpoint")
+ST_KEYS = tuple(f"loss/{k}" for k in ST_ONLY_KEYS)
 SPLIT_KEYS = ("split/name", "split/fraction")
 STEPS_KEY = "trainer/max_steps"
 LABELED_SHA_KEY = "split_manifest/labeled_sha256"
@@ -286,8 +293,9 @@ def _is_number(s: str) -> bool:
 
 
 def _row_key(preset: str) -> tuple[Any, ...]:
-    if preset in ROW_ORDER:
-        return (ROW_ORDER.index(preset), (), "")
+    base = preset.partition("[")[0]  # st[st_threshold=0.7]: among the ST rows, in the order of the values
+    if base in ROW_ORDER:
+        return (ROW_ORDER.index(base), tuple(_value_key("", v) for v in re.findall(r"=([^,\]]*)", preset)), preset)
     key, eq, value = preset.partition("=")  # an arm of --rows KEY: "KEY=value", in the order of the values
     return (len(ROW_ORDER), _value_key(key, value) if eq else (), preset)
 
@@ -310,7 +318,7 @@ def _rep_key(rep: tuple[str, str]) -> tuple[Any, ...]:
 
 
 def _ignored(key: str) -> bool:
-    if key in REPLICATE_KEYS or key in ROW_KEYS or key in SPLIT_KEYS or key.startswith(DERIVED_PREFIXES):
+    if key in REPLICATE_KEYS or key in ROW_KEYS or key in ST_KEYS or key in SPLIT_KEYS or key.startswith(DERIVED_PREFIXES):
         return True
     return result_neutral(key)
 
@@ -380,13 +388,15 @@ def records_from_runs(runs: Iterable[Any], by: Sequence[str] | None = None, spli
     keys = [k for k in (list(by) if by else varying_keys(params)) if k != rows]
     if not keys:
         keys = ["split"]
+    st_params = [p for (r, _), p in zip(usable, params) if r.data.tags["loss"] == "st"]
+    st_varying = [k for k in ST_ROW_KEYS if k != rows and len({p.get(k) for p in st_params}) > 1]
     latest: dict[tuple[Any, ...], Record] = {}
     for (r, value), p in zip(usable, params):
         tags = r.data.tags
         name = tags.get("split", p.get("split/name", "?"))
         col = tuple((k, name if k == "split" else p.get(k, tags.get(k, "?"))) for k in keys)
         rec = Record(
-            run_id=r.info.run_id, row=tags["loss"] if rows is None else f"{rows}={p.get(rows, '?')}", col=col,
+            run_id=r.info.run_id, row=_row(tags["loss"], p, rows, st_varying), col=col,
             seed=p.get("trainer/seed", tags.get("seed", "?")),
             best=_metric(r, BEST), last=_metric(r, LAST), dataset=tags.get("dataset", "?"),
             segnet=tags.get("segnet", "?"), backbone=tags.get("backbone", "?"), split=name,
@@ -402,6 +412,16 @@ def records_from_runs(runs: Iterable[Any], by: Sequence[str] | None = None, spli
         notes.append(f"{dupes} older run(s) with the same preset, column and replicate as a newer one left out")
     records = sorted(latest.values(), key=lambda x: (_row_key(x.row), _col_key(x.col), _rep_key(x.replicate)))
     return records, keys, notes
+
+
+def _row(preset: str, params: dict[str, str], rows: str | None, st_varying: Sequence[str]) -> str:
+    """A run's arm: its loss preset (ST's with the settings that vary between the sweep's ST runs), or the value
+    of the parameter ``rows``."""
+    if rows is not None:
+        return f"{rows}={params.get(rows, '?')}"
+    if preset == "st" and st_varying:
+        return "st[" + ",".join(f"{k.rsplit('/', 1)[-1]}={params.get(k, '?')}" for k in st_varying) + "]"
+    return preset
 
 
 def _subset(cells: Sequence[Cell], records: Sequence[Record]) -> str:
