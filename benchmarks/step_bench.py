@@ -62,7 +62,7 @@ class Trainer:
         device = torch.device("cpu")
         self.cfg, self.semi = cfg, shared_bn is not None
         self.model = build_model(cfg).train()
-        self.optimizer = build_optimizer(cfg, self.model)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
         self.branch = ConsistencyBranch(cfg.loss, shared_bn=bool(shared_bn))
         self.lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=0, device=device))
         self.unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=0, device=device))

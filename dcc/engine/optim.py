@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from dcc.config import OptimName, choice
+from dcc.config import OptimConfig, OptimName, choice
 from dcc.method.models.segmentor import Segmentor
 
 
-def build_optimizer(cfg: Any, model: Segmentor) -> torch.optim.Optimizer:
-    oc = cfg.optim
+def build_optimizer(oc: OptimConfig, model: Segmentor) -> torch.optim.Optimizer:
+    """The ``optim`` group's optimiser over the model's two parameter groups, named ``backbone`` and ``head``."""
     backbone, rest = model.param_groups()
     groups = [
         {"params": backbone, "lr": oc.lr * oc.backbone_lr_mult, "name": "backbone"},

@@ -59,7 +59,6 @@ def pseudo_label(model: Segmentor, cfg: Any, data: DataBundle, device: torch.dev
 def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, run_dir: Path) -> FitResult:
     if cfg.loss.teacher_checkpoint:
         teacher = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
-        teacher.projector = None
         state = ckpt.load(cfg.loss.teacher_checkpoint)
         teacher.load_state_dict(state.get("model", state))
         log.info("self-training: teacher from %s", cfg.loss.teacher_checkpoint)

@@ -152,8 +152,6 @@ class Trainer:
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed % (2**32))
         model = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
-        if method is not Method.cac and model.projector is not None:
-            model.projector = None
         model = sync_batchnorm(model)  # several processes: BN statistics over the whole batch (per view)
         ddp.seed_rank(tc.seed)  # same initial weights on every rank, then distinct dropout / sampling streams
         if tc.channels_last:
@@ -162,7 +160,7 @@ class Trainer:
             model.backbone.compile()
             model.head.compile()
         self.model = model
-        self.optimizer = build_optimizer(cfg, model)
+        self.optimizer = build_optimizer(cfg.optim, model)
         self.scheduler = poly_scheduler(self.optimizer, tc.max_steps, cfg.optim.poly_power)
         # no cost when nothing is logged; decided from the config, so that every rank computes the same terms
         diagnostics = bool(tc.diagnostics) and not logging_off(cfg)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from dcc.config import LossConfig
 from dcc.method.bank import NegativeBank, sample_negatives
 from dcc.method.diagnostics import cell_labels, consistency_diagnostics
 from dcc.method.losses import directional_contrastive_loss, l2_alignment_loss, weak_classification_loss
@@ -45,7 +45,7 @@ class ViewOutputs:
 
 
 class ConsistencyBranch:
-    def __init__(self, loss_cfg: Any, *, shared_bn: bool = False, diagnostics: bool = False, num_classes: int = 0,
+    def __init__(self, loss_cfg: LossConfig, *, shared_bn: bool = False, diagnostics: bool = False, num_classes: int = 0,
                  ignore_index: int = 255) -> None:
         """``diagnostics``: also return the ``diag/...`` figures of :mod:`dcc.method.diagnostics` (never used for the
         loss); with ``mask1``/``mask2`` in the batch (ground truth of the views) the pseudo-label accuracy too."""

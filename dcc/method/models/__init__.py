@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from dcc.config import Method, SegNetName, choice, plain
+from dcc.config import Config, Method, SegNetName, choice, plain
 from dcc.method.models.backbone import Backbone, build_backbone
 from dcc.method.models.weights import WeightsError, load_local_weights
 from dcc.method.models.heads import DeepLabV3PlusHead, PSPHead
@@ -13,8 +11,8 @@ from dcc.method.models.segmentor import Projector, Segmentor
 __all__ = ["Backbone", "Segmentor", "Projector", "WeightsError", "build_model", "load_local_weights"]
 
 
-def build_model(cfg: Any, *, backbone_weights: str | None = None) -> Segmentor:
-    """The segmentor of ``cfg``; ``backbone_weights`` (a local file) replaces ``backbone.weights`` when given
+def build_model(cfg: Config, *, backbone_weights: str | None = None) -> Segmentor:
+    """The segmentor of ``cfg`` (its segnet, backbone, loss and dataset groups); ``backbone_weights`` (a local file) replaces ``backbone.weights`` when given
     (training passes the embedded benchmark's pretrained backbone, :mod:`dcc.data.digits_pretrain`)."""
     seg, bb = cfg.segnet, cfg.backbone
     name = choice(seg.name, SegNetName)
