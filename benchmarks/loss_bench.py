@@ -45,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcc.method.losses import directional_contrastive_loss  # noqa: E402
-from dcc.method.losses_chunked import chunked_directional_contrastive_loss  # noqa: E402
+from benchmarks.losses_chunked import chunked_directional_contrastive_loss  # noqa: E402
 
 STRATEGIES: dict[str, Callable[..., torch.Tensor]] = {
     "authors_chunk8000_ckpt": chunked_directional_contrastive_loss,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dcc.method.losses import directional_contrastive_loss, l2_alignment_loss
-from dcc.method.losses_chunked import chunked_directional_contrastive_loss
+from benchmarks.losses_chunked import chunked_directional_contrastive_loss
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -5,8 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from dcc.method.overlap import overlap_cell_count, overlap_pairs
+from dcc.method.overlap import overlap_pairs
+
+
+def overlap_cell_count(
+    offset1: Tensor, offset2: Tensor, crop_size: int, stride: int,
+    extent1: Tensor | None = None, extent2: Tensor | None = None,
+) -> Tensor:
+    """The reference count of the tests: number of overlapping feature cells per pair, long [B], for crops of side ``crop_size`` (with
+    extents: only cells inside the real image, as :func:`overlap_pairs` counts them)."""
+    offset1, offset2 = offset1.long(), offset2.long()
+    full = torch.full_like(offset1, crop_size)
+    # the image rectangle covered by both crops' content, in image pixels, counted in whole cells of view 1
+    end1 = offset1 + (full if extent1 is None else extent1.long())
+    end2 = offset2 + (full if extent2 is None else extent2.long())
+    span = torch.minimum(end1, end2) - torch.maximum(offset1, offset2)
+    return torch.div(span.clamp(min=0), stride, rounding_mode="floor").prod(dim=-1)
 
 STRIDE = 8
 CROP = 32

@@ -2,7 +2,8 @@
 
 ``losses`` (L_ce, L_dc and the notation map to the paper), ``overlap`` (the two crops' shared region),
 ``bank`` (the negative bank), ``consistency`` (the unlabeled branch: two views -> L_dc, and C_w),
-``diagnostics`` (what the branch saw, for the diag/ figures), ``selftrain`` (Table 3's ST baseline),
-``models`` (backbones, heads, the segmentor and its projector), ``losses_chunked`` (the authors'
-memory strategy, kept as a benchmark baseline).
+``diagnostics`` (what the branch saw, for the diag/ figures), ``models`` (backbones, heads, the segmentor and
+its projector). Self-training (Table 3's ST baseline, two trainings) is run by the engine
+(``dcc/engine/selftrain.py``); the authors' memory strategy for L_dc, a benchmark baseline, is
+``benchmarks/losses_chunked.py``.
 """

@@ -40,7 +40,7 @@ Cost. The anchors that pass each direction's mask (K of the 2N) are selected bef
 similarity is computed, and the negatives are streamed in blocks of ``chunk_size`` columns with an
 online log-sum-exp inside a custom autograd function whose backward recomputes block by block.
 No [K, M] tensor is ever stored: peak extra memory is about ``K * chunk_size * 5`` bytes in float32
-(one float block plus its boolean label mask). ``dcc.method.losses_chunked`` keeps the released code's
+(one float block plus its boolean label mask). ``benchmarks/losses_chunked.py`` keeps the released code's
 strategy (all pixels x 8,000-column checkpointed blocks, mask applied afterwards) as a baseline;
 see ``benchmarks/RESULTS.md``.
 """

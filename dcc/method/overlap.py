@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["overlap_cell_count", "overlap_pairs", "unflip"]
+__all__ = ["overlap_pairs", "unflip"]
 
 
 def unflip(feat: Tensor, flip: Tensor) -> Tensor:
@@ -83,18 +83,3 @@ def overlap_pairs(
     valid = row_ok.view(batch, h, 1) & col_ok.view(batch, 1, w)
     b, i, j = valid.nonzero(as_tuple=True)
     return f1[b, i, j], f2[b, rows2[b, i], cols2[b, j]], b
-
-
-def overlap_cell_count(
-    offset1: Tensor, offset2: Tensor, crop_size: int, stride: int,
-    extent1: Tensor | None = None, extent2: Tensor | None = None,
-) -> Tensor:
-    """Number of overlapping feature cells per pair, long [B], for crops of side ``crop_size`` (with
-    extents: only cells inside the real image, as :func:`overlap_pairs` counts them)."""
-    offset1, offset2 = offset1.long(), offset2.long()
-    full = torch.full_like(offset1, crop_size)
-    # the image rectangle covered by both crops' content, in image pixels, counted in whole cells of view 1
-    end1 = offset1 + (full if extent1 is None else extent1.long())
-    end2 = offset2 + (full if extent2 is None else extent2.long())
-    span = torch.minimum(end1, end2) - torch.maximum(offset1, offset2)
-    return torch.div(span.clamp(min=0), stride, rounding_mode="floor").prod(dim=-1)
