@@ -146,7 +146,7 @@ def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
     # a run killed during it leaves no MLflow run RUNNING.
     from dcc.data.digits_pretrain import embedded_backbone_weights
 
-    embedded_backbone_weights(cfg)
+    weights = embedded_backbone_weights(cfg)  # resolved once: the trainer gets the file, not the recipe
     run_dir = run_dir_for(cfg, launch_dir)
     with contextlib.ExitStack() as stack:
         busy = None
@@ -157,10 +157,11 @@ def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
                 busy = str(exc)
         if ddp.any_rank(busy is not None, device):
             raise preflight.PreflightError(busy or f"{run_dir} is being trained by another process (see rank 0)")
-        return _train_in(cfg, launch_dir, device, data, run_dir)
+        return _train_in(cfg, launch_dir, device, data, run_dir, weights)
 
 
-def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any, run_dir: Path) -> float:
+def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any, run_dir: Path,
+              weights: str | None) -> float:
     from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
     from dcc.engine.selftrain import self_train
     from dcc.engine.trainer import fit
@@ -206,9 +207,9 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
                  run_dir, len(data.labeled), len(data.unlabeled), len(data.val),
                  "no test split" if data.test is None else f"{len(data.test)} test images (evaluated once, at the end)")
         if choice(cfg.loss.method, Method) is Method.st:
-            result = self_train(cfg, data, device, tracker, run_dir)
+            result = self_train(cfg, data, device, tracker, run_dir, backbone_weights=weights)
         else:
-            result = fit(cfg, data, device, tracker, run_dir)
+            result = fit(cfg, data, device, tracker, run_dir, backbone_weights=weights)
         if ddp.is_main():
             _log_checkpoint(cfg, tracker, run_dir, result.model)
     except TrialPruned as pruned:  # the Optuna study stopped this trial: a clean end, its checkpoint kept

@@ -14,7 +14,6 @@ from dcc.engine import checkpoint as ckpt
 from dcc.config import Method
 from dcc.data.build import DataBundle, eval_loader
 from dcc.engine.evaluate import predict_whole
-from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.method.models import Segmentor, build_model
 from dcc.engine.trainer import FitResult, fit
 
@@ -56,14 +55,17 @@ def pseudo_label(model: Segmentor, cfg: Any, data: DataBundle, device: torch.dev
     return source
 
 
-def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, run_dir: Path) -> FitResult:
+def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, run_dir: Path, *,
+               backbone_weights: str | None = None) -> FitResult:
+    """Teacher (or ``loss.teacher_checkpoint``), pseudo-labels, student; ``backbone_weights`` as in :func:`fit`."""
     if cfg.loss.teacher_checkpoint:
-        teacher = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
+        teacher = build_model(cfg, backbone_weights=backbone_weights).to(device)
         state = ckpt.load(cfg.loss.teacher_checkpoint)
         teacher.load_state_dict(state.get("model", state))
         log.info("self-training: teacher from %s", cfg.loss.teacher_checkpoint)
     else:
         teacher = fit(cfg, data, device, tracker, run_dir / "teacher", prefix="teacher/", method=Method.suponly,
+                      backbone_weights=backbone_weights,
                       test=False).model  # the test split measures the student (the run's result) only
     pseudo = pseudo_label(teacher, cfg, data, device)
     del teacher
@@ -71,5 +73,5 @@ def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, r
     log.info("self-training: %.1f %% of the unlabeled pixels keep a pseudo-label (loss.st_threshold=%s)%s",
              100 * pseudo.kept, cfg.loss.st_threshold,
              "; the pseudo-labeled images get the unlabeled views' augmentation" if cfg.loss.get("st_unlabeled_aug") else "")
-    return fit(cfg, data, device, tracker, run_dir, method=Method.suponly,
+    return fit(cfg, data, device, tracker, run_dir, method=Method.suponly, backbone_weights=backbone_weights,
                extra_labeled=(pseudo, np.arange(len(pseudo))))

@@ -32,7 +32,6 @@ from dcc import distributed as ddp
 from dcc.config import Method, Precision, ViewBN, choice
 from dcc.method.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
-from dcc.data.digits_pretrain import embedded_backbone_weights
 from dcc.engine.evaluate import eval_options, evaluate
 from dcc.method.losses import cross_entropy
 from dcc.method.models import Segmentor, build_model
@@ -138,11 +137,14 @@ class Trainer:
     prefix: prepended to metric names (``teacher/``).
     test: evaluate ``data.test`` (if any) at the end, under ``test/`` (false: a model that is not the run's result,
     e.g. self-training's teacher).
+    backbone_weights: the backbone's initial weights (a local file) when they are not ``backbone.weights``: the
+    embedded dataset's pretrained backbone, resolved once where the run is set up (``dcc.engine.job``).
     """
 
     def __init__(self, cfg: Any, data: DataBundle, device: torch.device, tracker: Any, state_dir: Path, *,
                  prefix: str = "", method: Method | None = None,
-                 extra_labeled: tuple[Any, np.ndarray] | None = None, test: bool = True) -> None:
+                 extra_labeled: tuple[Any, np.ndarray] | None = None, test: bool = True,
+                 backbone_weights: str | None = None) -> None:
         self.cfg, self.tc, self.data, self.device, self.tracker = cfg, cfg.trainer, data, device, tracker
         self.test = test
         self.state_dir, self.last, self.prefix, self.extra_labeled = state_dir, state_dir / "last.pt", prefix, extra_labeled
@@ -151,7 +153,7 @@ class Trainer:
         method = method or choice(cfg.loss.method, Method)
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed % (2**32))
-        model = build_model(cfg, backbone_weights=embedded_backbone_weights(cfg)).to(device)
+        model = build_model(cfg, backbone_weights=backbone_weights).to(device)
         model = sync_batchnorm(model)  # several processes: BN statistics over the whole batch (per view)
         ddp.seed_rank(tc.seed)  # same initial weights on every rank, then distinct dropout / sampling streams
         if tc.channels_last:
@@ -419,9 +421,10 @@ class Trainer:
 
 
 def fit(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, state_dir: Path, *, prefix: str = "",
-        method: Method | None = None, extra_labeled: tuple[Any, np.ndarray] | None = None, test: bool = True) -> FitResult:
+        method: Method | None = None, extra_labeled: tuple[Any, np.ndarray] | None = None, test: bool = True,
+        backbone_weights: str | None = None) -> FitResult:
     """Train one model (see :class:`Trainer` for the keyword arguments)."""
     trainer = Trainer(cfg, data, device, tracker, state_dir, prefix=prefix, method=method, extra_labeled=extra_labeled,
-                      test=test)
+                      test=test, backbone_weights=backbone_weights)
     trainer.restore()
     return trainer.train()
