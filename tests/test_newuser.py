@@ -411,6 +411,19 @@ def test_runs_carry_their_budget_result_and_the_experiment_opens_on_the_runs_tab
     assert note.startswith(f"**final val mIoU {miou:.4f}**") and "after 6 of 6 steps" in note and "test mIoU" in note
 
 
+def test_the_printed_ui_link_opens_the_training_view_not_genai():
+    """MLflow 3.17's UI opened the experiment in its GenAI view despite the experimentKind tag (headless Chromium,
+    2026-12-06); `?workflowType=machine_learning` opens it on the runs, in the "Model training" view."""
+    from dcc.engine.tracking import MLflowTracker
+
+    tracker = MLflowTracker.__new__(MLflowTracker)
+    tracker.run_id, tracker.experiment_id = "abc", "1"
+    tracker.tracking_uri = "sqlite:///mlflow.db"
+    assert "#/experiments/1/runs/abc?workflowType=machine_learning" in tracker.describe()
+    tracker.tracking_uri = "http://host:5000"
+    assert tracker.describe().endswith("http://host:5000/#/experiments/1/runs/abc?workflowType=machine_learning")
+
+
 def test_local_slurm_status_before_the_cluster_is_started_says_so_at_once(tmp_path):
     import subprocess
     import time

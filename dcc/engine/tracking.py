@@ -33,6 +33,7 @@ PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment on the view of its kind: the training kind shows the runs table (not the
 # GenAI overview); the note tag is a run's description, rendered as Markdown.
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_TRAINING_VIEW = "workflowType=machine_learning"  # the URL query that opens MLflow 3's UI on runs, not GenAI
 NOTE_TAG = "mlflow.note.content"
 
 
@@ -259,9 +260,12 @@ class MLflowTracker:
 
     def describe(self) -> str:
         uri = self.tracking_uri
-        url = f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        # MLflow 3's UI opens an experiment in its GenAI view unless the link asks for the training one (its
+        # experimentKind tag is not enough in 3.17, checked in headless Chromium); the run page then sits under Runs
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{UI_TRAINING_VIEW}"
+        url = f"http://127.0.0.1:5000/{page}"
         if uri.startswith(("http://", "https://")):
-            return f"MLflow run {self.run_id}: {uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            return f"MLflow run {self.run_id}: {uri.rstrip('/')}/{page}"
         return f"MLflow run {self.run_id}\nOpen it with: mlflow ui --backend-store-uri {uri}   then {url}"
 
 

@@ -35,6 +35,9 @@ from dcc.engine.tracking import (open_client, PARENT_RUN_ENV, PARENT_TAG, SWEEP_
                           default_tracking_uri, experiment_id)
 
 log = logging.getLogger(__name__)
+# the parent run's description is the report (mIoU in %); its metrics, like its jobs', are fractions of 1
+UNITS_NOTE = ("\n\nUnits: the tables are mIoU in %; this run's metrics and its jobs' (val/miou, test/miou, "
+              "test/mean_miou/..., test/diff_vs_...) are fractions of 1 (0.487 = 48.7 %).")
 
 DEFAULT_JOB_NAME = "run"  # hydra.job.name of run.py when not overridden
 
@@ -256,7 +259,8 @@ class MLflowSweepParent(Callback):
             report, files = rep.report_for_parent(self.client, self.run_id, out_dir=out)
             self._log_figures(report)
             table = rep.to_markdown(report)
-            self.client.set_tag(self.run_id, "mlflow.note.content", table[:50000])  # the UI's description: the table
+            note = table + UNITS_NOTE
+            self.client.set_tag(self.run_id, "mlflow.note.content", note[:50000])  # the UI's description: the table
             print("\n" + table, flush=True)
             print(f"report: {', '.join(str(f) for f in files.values())} (also in the MLflow parent run "
                   f"{self.run_id}, artifacts/report)", flush=True)
