@@ -3,8 +3,9 @@
 A source is any object with ``__len__`` and ``load(i) -> (image uint8 [H, W, 3], mask uint8
 [H, W] or None)``. ``LabeledDataset`` yields augmented (image, mask) pairs; ``UnlabeledPairDataset``
 yields two overlapping crops of one unlabeled image plus the geometry needed to align them.
-All randomness comes from torch's RNG, so ``torch.manual_seed`` and DataLoader worker seeding
-make it reproducible.
+All randomness comes from torch's global RNG; the loaders of :mod:`dcc.data.build` seed it per item from
+(run seed, position in the sample stream) before each item is drawn, which is what makes a run reproducible
+and resumable, whatever the number of workers.
 """
 
 from __future__ import annotations
