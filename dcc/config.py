@@ -530,9 +530,15 @@ _SPLIT_OVERRIDE = re.compile(r"^(?P<key>[+~]{0,2}split)=(?P<value>.*)$")
 _BARE_SPLIT = re.compile(r"(?<![\w'\".])(\d+_\d+)(?![\w'\".])")
 
 
+def quote_split_value(value: str) -> str:
+    """Every bare ``1_8`` of an override's value quoted (``1_8,1_4`` -> ``'1_8','1_4'``)."""
+    return _BARE_SPLIT.sub(r"'\1'", value)
+
+
 def quote_split_overrides(argv: list[str]) -> list[str]:
+    """The command line's ``split=...`` overrides with their split names quoted."""
     out = []
     for arg in argv:
         m = _SPLIT_OVERRIDE.match(arg)
-        out.append(m["key"] + "=" + _BARE_SPLIT.sub(r"'\1'", m["value"]) if m else arg)
+        out.append(m["key"] + "=" + quote_split_value(m["value"]) if m else arg)
     return out

@@ -141,7 +141,7 @@ def test_two_training_steps_log_per_class_iou_under_the_class_names(folder_root,
     overrides = [o for o in TINY_REAL if not o.startswith("logger")] + [
         f"logger.tracking_uri=sqlite:///{db}", f"trainer.runs_root={tmp_path / 'runs'}", "split='1_4'"]
     miou = run(_cfg(folder_root, *overrides), launch_dir=tmp_path)
-    assert 0.0 <= miou <= 1.0
+    assert 0.0 <= miou <= 100.0  # in %
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (r,) = client.search_runs([client.get_experiment_by_name("folder-mydata").experiment_id])
     assert r.info.status == "FINISHED" and r.data.params["dataset/num_classes"] == "4"

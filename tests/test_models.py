@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import timm
 import torch
 
@@ -138,3 +140,32 @@ def test_align_corners_is_the_authors_by_default_and_changes_the_output():
                 m.align_corners = False
         b = model(x)
     assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "vit_tiny_patch16_224"])
+def test_pretrained_without_download_asks_the_hub_cache_only_for_that_call_and_names_the_backbone(monkeypatch, name):
+    """backbone.pretrained=true without allow_download: timm's download runs with the hub's offline switch on
+    (the module switch: the hub reads HF_HUB_OFFLINE only when imported), and nothing is left behind: not the
+    switch, not the environment variable (which child processes would inherit)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from dcc.method.models.backbone import build_backbone
+
+    seen = []
+
+    def create_model(*args, pretrained=False, **kwargs):
+        seen.append((pretrained, constants.HF_HUB_OFFLINE))
+        if pretrained:
+            raise LocalEntryNotFoundError("not in the local cache")  # what the hub raises offline
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(WeightsError, match=f"timm could not load '{name}' weights from its local cache"):
+        build_backbone(name, output_stride=32, pretrained=True)
+    assert seen == [(True, True)] and constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ
+    build_backbone(name, output_stride=32, pretrained=False)  # no weights asked: the switch is left alone
+    assert seen[-1] == (False, False)

@@ -103,7 +103,7 @@ def test_every_backbone_option_trains_on_the_default_preset_with_its_digit_pretr
         f"dataset.root={tmp_path / 'data'}", f"trainer.runs_root={tmp_path / 'runs'}", "logger=none"]
     miou = run(compose_cfg(over), launch_dir=tmp_path)
     err = capsys.readouterr().err
-    assert 0.0 <= miou <= 1.0
+    assert 0.0 <= miou <= 100.0  # in %
     assert "pretrained backbone: held-out digit accuracy" in err
     assert list((tmp_path / "data" / "digits").glob("pretrained_backbone_*.pt"))
 
@@ -408,7 +408,7 @@ def test_runs_carry_their_budget_result_and_the_experiment_opens_on_the_runs_tab
     (r,) = client.search_runs([exp.experiment_id])
     assert r.data.tags["steps"] == "6"
     note = r.data.tags["mlflow.note.content"]
-    assert note.startswith(f"**final val mIoU {miou:.4f}**") and "after 6 of 6 steps" in note and "test mIoU" in note
+    assert note.startswith(f"**final val mIoU {miou:.2f}%**") and "after 6 of 6 steps" in note and "test mIoU" in note
 
 
 def test_the_printed_ui_link_opens_the_training_view_not_genai():

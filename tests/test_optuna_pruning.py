@@ -322,7 +322,7 @@ def test_a_pruned_training_job_ends_cleanly_with_its_checkpoint_and_a_tagged_mlf
         o for o in tiny_overrides if o.startswith("trainer.") and "max_steps" not in o and "eval_every" not in o]
     args = ["-m", SEARCH, "hydra/launcher=local", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
             "hydra.sweeper.study_name=p", "hydra.sweeper.poll_interval=0.1",
-            "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:0.99,n_warmup_steps:6}",
+            "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:99,n_warmup_steps:6}",  # in %
             *over, "trainer.max_steps=30", "trainer.eval_every=3", "trainer.log_every=1"]
     proc = run_py(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -348,11 +348,11 @@ def test_a_pruned_training_job_ends_cleanly_with_its_checkpoint_and_a_tagged_mlf
 def test_the_study_report_numbers_every_trial_marks_baseline_and_best_and_counts_the_steps(tmp_path, capsys, monkeypatch):
     from dcc.sweeps.report import main
 
-    # baseline 0.6, a pruned trial (0.2), the best (0.7) and a middle one; two replicates (seeds 1, 2) each
-    launcher = CurveLauncher(_level, max_steps=40, eval_every=10, step_s=0.005)
+    # baseline 60 %, a pruned trial (20 %), the best (70 %) and a middle one; two replicates (seeds 1, 2) each
+    launcher = CurveLauncher(lambda ov, step: 100 * _level(ov, step), max_steps=40, eval_every=10, step_s=0.005)
     sweeper = _sweeper(tmp_path, launcher, study_name="lambda_gamma_tau-digits-x", n_trials=4, n_jobs=2,
                        params={"w": "interval(0, 1)"}, enqueue=[{"w": w} for w in (0.6, 0.2, 0.7, 0.65)],
-                       replicates=2, pruner={"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5})
+                       replicates=2, pruner={"_target_": "optuna.pruners.ThresholdPruner", "lower": 50})
     sweeper.sweep(["x=7"])
     monkeypatch.chdir(tmp_path)  # the launch directory: optuna.db is found there; no mlflow.db: nothing logged
     assert main(["lambda_gamma_tau", "--out", "rep"]) == 0  # the sweep's name finds its latest study
@@ -360,10 +360,10 @@ def test_the_study_report_numbers_every_trial_marks_baseline_and_best_and_counts
     assert "## Optuna study lambda_gamma_tau-digits-x" in text and "2 replicates per trial (trainer.seed = 1, 2" in text
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
-    assert rows["0"][:3] == ["baseline", "COMPLETE", "0.6150"] and rows["0"][3] == "40+40"
+    assert rows["0"][:3] == ["baseline", "COMPLETE", "61.50"] and rows["0"][3] == "40+40"
     assert rows["1"][:2] == ["", "PRUNED at 10"]
     assert all(10 <= int(s) < 40 for s in rows["1"][3].split("+"))  # stopped early (how soon: the first test)
-    assert rows["2"][:2] == ["best", "COMPLETE"] and rows["2"][-1] == "1: 0.7100, 2: 0.7200"
+    assert rows["2"][:2] == ["best", "COMPLETE"] and rows["2"][-1] == "1: 71.00, 2: 72.00"
     assert "reproduce: `python run.py -m w=0.7 x=7 trainer.seed=1,2`" in text
     assert "lead of trial 2 over the baseline (trial 0), paired over 2 replicates (1, 2): +10.00 points" in text
     assert "larger than the noise" in text
@@ -371,6 +371,45 @@ def test_the_study_report_numbers_every_trial_marks_baseline_and_best_and_counts
     assert f"Steps trained: {trained:,} of 320 = **{100 * trained / 320:.1f}%**" in text
     for name in ("study.md", "trials.csv", "history.png", "slice.png", "intermediate.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
+
+
+def _legacy_study(tmp_path, name):
+    """A study as the sweeper wrote them before 2026-12-06: values in fractions of 1, no unit attribute."""
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
+    for i, (w, v) in enumerate([(0.1, 0.50), (0.3, 0.55)]):
+        study.enqueue_trial({"w": w}, user_attrs={"enqueued": i})
+        t = study.ask({"w": optuna.distributions.FloatDistribution(0, 1)})
+        study.tell(t, v)
+    return study
+
+
+def test_an_old_study_in_fractions_is_not_continued_in_percent_and_its_report_shows_percent(tmp_path, capsys, monkeypatch):
+    """Jobs return mIoU in %; a study from before (fractions, no ``dcc.unit``) would mix the scales: refused in one
+    line naming the study, before a trial is asked for. Its report still reads it, in %, and says why."""
+    from dcc.sweeps.optuna_sweeper import SweeperConfigError
+    from dcc.sweeps.report import main
+
+    _legacy_study(tmp_path, "lambda_gamma_tau-old")
+    launcher = CurveLauncher(lambda ov, step: 100 * _level(ov, step), max_steps=20)
+    sweeper = _sweeper(tmp_path, launcher, study_name="lambda_gamma_tau-old", n_trials=4, params={"w": "interval(0, 1)"})
+    with pytest.raises(SweeperConfigError, match="study_name=lambda_gamma_tau-old: its 2 trials hold .* fractions") as e:
+        sweeper.sweep(["x=7"])
+    assert "\n" not in str(e.value) and launcher.jobs == [] and len(_load(tmp_path, "lambda_gamma_tau-old").trials) == 2
+    monkeypatch.chdir(tmp_path)
+    assert main(["lambda_gamma_tau-old", "--out", "rep"]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    assert rows["0"][:3] == ["baseline", "COMPLETE", "50.00"] and rows["1"][:3] == ["best", "COMPLETE", "55.00"]
+    assert "fractions of 1" in text
+    # a new study gets the unit: continued later, it is not refused
+    new = _sweeper(tmp_path, CurveLauncher(lambda ov, step: 100 * _level(ov, step), max_steps=20),
+                   study_name="lambda_gamma_tau-new", n_trials=1, params={"w": "interval(0, 1)"})
+    new.sweep(["x=7"])
+    assert _load(tmp_path, "lambda_gamma_tau-new").user_attrs["dcc.unit"] == "percent"
+    _sweeper(tmp_path, CurveLauncher(lambda ov, step: 100 * _level(ov, step), max_steps=20),
+             study_name="lambda_gamma_tau-new", n_trials=2, params={"w": "interval(0, 1)"}).sweep(["x=7"])
+    assert len(_load(tmp_path, "lambda_gamma_tau-new").trials) == 2
 
 
 def test_the_bench_pruner_trains_at_most_60_percent_of_the_steps_of_12_full_trials(tmp_path):

@@ -98,27 +98,27 @@ def test_no_evaluation_during_training_reads_the_test_split(tiny_overrides, tmp_
     assert vals == ["val@3", "val@6"]
     assert events.index("test") > events.index("val@6")  # read only after the final validation evaluation
     assert events.count("test") == 8  # each test image once: one evaluation
-    assert tracker.metrics["test/miou"] == pytest.approx(result.test_miou)
+    assert tracker.metrics["test/miou"] == pytest.approx(100 * result.test_miou)  # logged in %, kept as a fraction
     assert 0.0 <= result.test_miou <= 1.0 and "test/iou/background" in tracker.metrics
-    assert "test/pixel_acc" in tracker.metrics and result.final_miou == tracker.metrics["val/final_miou"]
+    assert "test/pixel_acc" in tracker.metrics and tracker.metrics["val/final_miou"] == pytest.approx(100 * result.final_miou)
 
 
 def test_test_miou_is_logged_and_in_the_result_file(tiny_overrides, tmp_path, capsys):
     cfg = compose_cfg(tiny_overrides)
     val_miou = run(cfg, launch_dir=tmp_path)
     result = read_result(run_dir_for(cfg, tmp_path))
-    assert result is not None and 0.0 <= result["test_miou"] <= 1.0 and result["final_miou"] == val_miou
+    assert result is not None and 0.0 <= result["test_miou"] <= 1.0 and 100 * result["final_miou"] == pytest.approx(val_miou)
     uri = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("logger.tracking_uri="))
     client = MlflowClient(tracking_uri=uri)
     (r,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
-    assert r.data.metrics["test/miou"] == pytest.approx(result["test_miou"])
+    assert r.data.metrics["test/miou"] == pytest.approx(100 * result["test_miou"]) and r.data.tags["dcc.unit"] == "percent"
     assert "test/iou/background" in r.data.metrics and "val/final_miou" in r.data.metrics
     assert [m.step for m in client.get_metric_history(r.info.run_id, "test/miou")] == [6]  # once, at the end
     out = capsys.readouterr().out
-    assert f"final val mIoU: {val_miou:.4f}" in out and f"; test mIoU: {result['test_miou']:.4f}" in out
+    assert f"final val mIoU: {val_miou:.2f}%" in out and f"; test mIoU: {100 * result['test_miou']:.2f}%" in out
     run(cfg, launch_dir=tmp_path)  # met again: reports the stored test mIoU
     out = capsys.readouterr().out
-    assert "already finished" in out and f"test mIoU: {result['test_miou']:.4f}" in out
+    assert "already finished" in out and f"test mIoU: {100 * result['test_miou']:.2f}%" in out
 
 
 def test_self_training_measures_the_student_on_test_not_the_teacher(tiny_overrides, tmp_path):

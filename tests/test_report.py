@@ -18,9 +18,11 @@ PRESET_SCORE = {p: 0.30 + 0.02 * i for i, p in enumerate(TABLE3_ROWS)}
 
 def _log_run(client, exp_id, parent, *, preset, split="1_8", seed=1, best, last, dataset="digits",
              segnet="deeplabv3plus", backbone="resnet18", params=None, status="FINISHED", test=None, split_seed=None,
-             steps=4):
+             steps=4, percent=False):
+    """One finished job's run; its mIoU as given (``percent``: tagged dcc.unit=percent, as dcc logs them now;
+    else untagged, as runs of a store written before 2026-12-06, in fractions of 1)."""
     tags = {"loss": preset, "split": split, "seed": str(seed), "dataset": dataset, "segnet": segnet,
-            "backbone": backbone}
+            "backbone": backbone} | ({"dcc.unit": "percent"} if percent else {})
     if parent is not None:
         tags[report.PARENT_TAG] = parent
     run = client.create_run(exp_id, run_name=f"{preset}-{split}-s{seed}", tags=tags)

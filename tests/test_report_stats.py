@@ -36,13 +36,28 @@ def store(tmp_path_factory):
     return uri, client, client.create_experiment("digits")
 
 
-def _sweep(client, exp, name="seeds", runs=RUNS, test=True, steps=1500):
+def _sweep(client, exp, name="seeds", runs=RUNS, test=True, steps=1500, percent=False):
+    """The runs in fractions of 1, untagged (a store written before 2026-12-06); ``percent``: in %, tagged."""
+    k = 100.0 if percent else 1.0
     parent = _parent(client, exp, name)
     for preset, reps in runs.items():
         for (seed, split_seed), v in reps.items():
-            _log_run(client, exp, parent, preset=preset, seed=seed, split_seed=split_seed, best=v - 0.1,
-                     last=v - 0.2, test=v if test else None, steps=steps)
+            _log_run(client, exp, parent, preset=preset, seed=seed, split_seed=split_seed, best=k * (v - 0.1),
+                     last=k * (v - 0.2), test=k * v if test else None, steps=steps, percent=percent)
     return parent
+
+
+def test_runs_in_percent_and_old_runs_in_fractions_give_the_same_report(store):
+    """One unit everywhere: dcc logs mIoU in % (tag dcc.unit=percent); runs of an older store logged fractions of 1
+    without the tag. The report reads each by its tag: the same numbers, in %."""
+    uri, client, exp = store
+    old = report.build_report(report.sweep_children(client, client.get_run(_sweep(client, exp, "old"))), title="t")
+    new = report.build_report(report.sweep_children(client, client.get_run(_sweep(client, exp, "new", percent=True))),
+                              title="t")
+    for a, b in zip(old.cells, new.cells, strict=True):
+        assert a.values == pytest.approx(b.values) and a.last == pytest.approx(b.last)
+    assert new.cell("suponly", (("split", "1_8"),)).mean == pytest.approx(51.0)
+    assert report.summary_metrics(old) == pytest.approx(report.summary_metrics(new))
 
 
 def _tables(text):
@@ -217,11 +232,11 @@ def test_summary_metrics_carry_the_interval_and_the_paired_difference(store):
     parent = _sweep(client, exp)
     rep = report.build_report(report.sweep_children(client, client.get_run(parent)), title="t")
     m = report.summary_metrics(rep)
-    assert m["test/mean_miou/suponly"] == pytest.approx(0.51)
-    assert m["test/ci95_low/suponly"] == pytest.approx(_ci(51.0, 1.0, 3, T2)[0] / 100, abs=1e-7)
-    assert m["test/diff_vs_suponly/ablation_viii"] == pytest.approx(0.035)
+    assert m["test/mean_miou/suponly"] == pytest.approx(51.0)  # in %, like the report (the runs: fractions, untagged)
+    assert m["test/ci95_low/suponly"] == pytest.approx(_ci(51.0, 1.0, 3, T2)[0], abs=1e-5)
+    assert m["test/diff_vs_suponly/ablation_viii"] == pytest.approx(3.5)
     assert m["test/diff_same_sign/ablation_viii"] == 3
-    assert m["mean_final_miou/suponly"] == pytest.approx(0.31) and m["finished_runs"] == 12
+    assert m["mean_final_miou/suponly"] == pytest.approx(31.0) and m["finished_runs"] == 12
 
 
 def test_the_sweeps_parent_run_gets_the_statistics_as_metrics_and_tags(store, tmp_path):
@@ -233,8 +248,8 @@ def test_the_sweeps_parent_run_gets_the_statistics_as_metrics_and_tags(store, tm
     cb.client, cb.run_id, cb.sweep_dir = client, parent, tmp_path / "multirun"
     cb._summarise()
     run = client.get_run(parent)
-    assert run.data.metrics["test/diff_vs_suponly/ablation_viii"] == pytest.approx(0.035)
-    assert run.data.metrics["test/ci95_high/suponly"] == pytest.approx(_ci(51.0, 1.0, 3, T2)[1] / 100, abs=1e-7)
+    assert run.data.metrics["test/diff_vs_suponly/ablation_viii"] == pytest.approx(3.5)  # points, in %
+    assert run.data.metrics["test/ci95_high/suponly"] == pytest.approx(_ci(51.0, 1.0, 3, T2)[1], abs=1e-5)
     tags = run.data.tags
     assert (tags["dcc.report_split"], tags["dcc.report_steps"], tags["dcc.report_baseline"]) == (
         "test", "1,500 steps", "suponly")
@@ -252,7 +267,7 @@ def test_arms_can_be_the_values_of_a_parameter_paired_on_the_replicates(store, t
             _log_run(client, exp, parent, preset="st", seed=r, split_seed=r, best=v, last=v, test=v - 0.05,
                      params={"loss/st_threshold": threshold}, steps=1500)
     runs = report.sweep_children(client, client.get_run(parent))
-    rep = report.build_report(runs, title="t", split="val", rows="loss/st_threshold", baseline="0")
+    rep = report.build_report(runs, title="t", split="val", rows_key="loss/st_threshold", baseline="0")
     assert rep.rows == ["loss/st_threshold=0.0", "loss/st_threshold=0.7", "loss/st_threshold=0.9"]
     assert rep.baseline == "loss/st_threshold=0.0" and rep.by == ["split"]  # the key is the rows, not a column
     high = rep.comparison("loss/st_threshold=0.7", (("split", "1_8"),))  # +2, +3, +2 (val: final mIoU)

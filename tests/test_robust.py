@@ -91,7 +91,7 @@ def test_rerun_of_a_finished_run_reports_it_without_training(tiny_overrides, tmp
     monkeypatch.setattr(dcc.engine.trainer, "fit", no_training)
     again = run(compose_cfg(tiny_overrides), launch_dir=tmp_path)
     out = capsys.readouterr().out
-    assert again == first and f"already finished: {run_dir} (final val mIoU {first:.4f}" in out
+    assert again == first and f"already finished: {run_dir} (final val mIoU {first:.2f}%" in out
     assert (run_dir / "last.pt").stat().st_mtime_ns == before
     _, runs = _runs(cfg)
     assert len(runs) == 1
@@ -328,6 +328,6 @@ def test_summary_metrics_for_the_sweep_parent():
                          last=[45.0])]
     rep = report.Report(title="t", by=["loss/weight"], cells=cells, rows=["suponly"], cols=[c.col for c in cells])
     m = report.summary_metrics(rep)
-    assert m["mean_final_miou/suponly/weight_0.1"] == pytest.approx(0.39)
-    assert m["mean_best_miou/suponly/weight_0.3"] == pytest.approx(0.50)
-    assert m["best_mean_final_miou"] == pytest.approx(0.45) and m["finished_runs"] == 3
+    assert m["mean_final_miou/suponly/weight_0.1"] == pytest.approx(39.0)  # in %, like the cells
+    assert m["mean_best_miou/suponly/weight_0.3"] == pytest.approx(50.0)
+    assert m["best_mean_final_miou"] == pytest.approx(45.0) and m["finished_runs"] == 3

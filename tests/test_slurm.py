@@ -203,7 +203,7 @@ def test_a_pruned_optuna_trial_ends_its_sbatch_job_cleanly_with_its_checkpoint(s
         o for o in tiny_overrides if o.startswith("trainer.") and "max_steps" not in o and "eval_every" not in o]
     proc = _run(["-m", *LAUNCH, SEARCH, "hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=1",
                  "hydra.sweeper.study_name=sp", "hydra.sweeper.poll_interval=0.2",
-                 "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:0.99,n_warmup_steps:6}",
+                 "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:99,n_warmup_steps:6}",
                  *over, "trainer.max_steps=60", "trainer.eval_every=3", "trainer.log_every=1"], tmp_path, slurm_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (trial,) = optuna.load_study(study_name="sp", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials

@@ -52,7 +52,8 @@ def test_sweep_is_one_parent_run_with_children_and_a_report(tiny_overrides, tmp_
         ("suponly", "0.1", "FINISHED"), ("suponly", "0.3", "FINISHED")]
     assert parent.data.tags["dcc.jobs_finished"] == "4"
     assert "| suponly |" in parent.data.tags["mlflow.note.content"]  # the UI's description of the sweep: its table
-    assert "metrics and its jobs' (val/miou" in parent.data.tags["mlflow.note.content"]  # %, fractions: said
+    assert "mIoU in % everywhere" in parent.data.tags["mlflow.note.content"]  # the unit: said
+    assert parent.data.tags["dcc.unit"] == "percent"
     # the table: presets x swept lambda, printed, written to the sweep dir and logged to the parent
     assert "| suponly |" in proc.stdout and "weight=0.3" in proc.stdout
     assert "n=1 replicate" in proc.stdout and "not separable" in proc.stdout  # one seed: nothing ranked as better

@@ -26,7 +26,7 @@ def _client(overrides: list[str]) -> MlflowClient:
 
 def test_few_step_run_logs_everything_to_mlflow(tiny_overrides, tmp_path):
     miou = run(compose_cfg(tiny_overrides), launch_dir=tmp_path)
-    assert 0.0 <= miou <= 1.0
+    assert 0.0 <= miou <= 100.0  # in %
     client = _client(tiny_overrides)
     exp = client.get_experiment_by_name("digits")
     (r,) = client.search_runs([exp.experiment_id])

@@ -180,7 +180,7 @@ def _build(cfg: Any, path: Path) -> Path:
     _save_atomic(path, state)
     path.with_suffix(".json").write_text(json.dumps(p | info, indent=1))
     partial.unlink(missing_ok=True)  # the finished weights replace it
-    print(f"pretrained backbone: held-out digit accuracy {info['accuracy']:.3f} in {info['seconds']:.0f} s",
+    print(f"pretrained backbone: held-out digit accuracy {100 * info['accuracy']:.1f}% in {info['seconds']:.0f} s",
           file=sys.stderr, flush=True)
     return path
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = compose("config", overrides=quote_split_overrides([a for a in args if a != "--force"]))
     path = ensure_pretrained_backbone(cfg, force=force)
     info = pretrained_info(cfg) or {}
-    print(f"{path}\nheld-out accuracy {info.get('accuracy', math.nan):.3f}, built in {info.get('seconds', math.nan):.0f} s")
+    print(f"{path}\nheld-out accuracy {100 * info.get('accuracy', math.nan):.1f}%, built in {info.get('seconds', math.nan):.0f} s")
 
 
 if __name__ == "__main__":

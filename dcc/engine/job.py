@@ -23,6 +23,7 @@ from dcc.config import CheckpointLog, ConfigError, Method, choice, validate
 from dcc.engine.tracking import (TrackingLost, open_client, PARENT_RUN_ENV, PARENT_TAG, NullTracker, flatten, git_commit, logging_off,
                           make_tracker, tracking_uri)
 
+from dcc.engine.metrics import percent
 from dcc.engine.naming import plain_config, run_dir_for, run_name
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _test_text(test_miou: float | str | None) -> str:
     """The test mIoU as printed: its value, or why there is none."""
     if isinstance(test_miou, str):
         return test_miou
-    return "n/a (no test split: results are on val)" if test_miou is None else f"{test_miou:.4f}"
+    return "n/a (no test split: results are on val)" if test_miou is None else f"{percent(test_miou):.2f}%"
 
 
 def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
@@ -183,7 +184,7 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
                       "compute what one computes (docs/several-gpus.md), so this finished run is this config's "
                       "result; trainer.resume=restart trains it again)", flush=True)
             _adopt(cfg, launch_dir, decision.result.get("mlflow_run_id"))
-        return float(decision.result["final_miou"])
+        return percent(float(decision.result["final_miou"]))  # the job's value (Optuna's objective): in %
 
     tracker = make_tracker(cfg, launch_dir) if ddp.is_main() else NullTracker()  # only rank 0 talks to MLflow
     id_file = run_dir / "mlflow_run_id"
@@ -216,7 +217,7 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
         tracker.set_tags({"pruned": "true", "pruned_at_step": str(pruned.step), "steps_trained": str(pruned.stopped)})
         tracker.finish("KILLED")  # like a preempted run: not in the tables; the same command continues it
         if ddp.is_main():
-            print(f"{pruned}, val mIoU {pruned.value:.4f}: checkpoint kept in {run_dir}; continue it with "
+            print(f"{pruned}, val mIoU {pruned.value:.2f}%: checkpoint kept in {run_dir}; continue it with "
                   f"{_job_command()}", flush=True)
         return float(pruned.value)
     except (KeyboardInterrupt, SystemExit):
@@ -228,22 +229,22 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
         _drop_if_empty(run_dir, created)
         raise
     if ddp.is_main():
-        test = "n/a (no test split)" if result.test_miou is None else f"{float(result.test_miou):.4f}"
+        test = "n/a (no test split)" if result.test_miou is None else f"{percent(result.test_miou):.2f}%"
         try:
-            tracker.describe_result(f"**final val mIoU {result.final_miou:.4f}** (best {result.best_miou:.4f}), "
-                                    f"test mIoU {test}, after {result.steps} of {cfg.trainer.max_steps} steps; "
+            tracker.describe_result(f"**final val mIoU {percent(result.final_miou):.2f}%** (best "
+                                    f"{percent(result.best_miou):.2f}%), test mIoU {test}, after {result.steps} of {cfg.trainer.max_steps} steps; "
                                     f"`{cfg.loss.preset}`, split {cfg.split.name}, seed {cfg.trainer.seed}, "
                                     f"{cfg.backbone.name}")
         except TrackingLost as exc:  # the training is done and its result is written below: only the note is lost
             log.warning("%s", exc)
     tracker.finish("FINISHED")
     if not ddp.is_main():
-        return float(result.final_miou)
+        return percent(result.final_miou)
     test = None if result.test_miou is None else float(result.test_miou)
     resume.write_result(run_dir, {"final_miou": float(result.final_miou), "best_miou": float(result.best_miou),
                                   "steps": int(result.steps), "mlflow_run_id": tracker.run_id, "test_miou": test})
-    print(f"final val mIoU: {result.final_miou:.4f} (best {result.best_miou:.4f}) after {result.steps} steps; "
-          f"test mIoU: {_test_text(test)}", flush=True)
+    print(f"final val mIoU: {percent(result.final_miou):.2f}% (best {percent(result.best_miou):.2f}%) after "
+          f"{result.steps} steps; test mIoU: {_test_text(test)}", flush=True)
     print(tracker.describe(), flush=True)
     print(f"run directory: {run_dir}", flush=True)
-    return float(result.final_miou)
+    return percent(result.final_miou)

@@ -8,6 +8,13 @@ import torch
 from torch import Tensor
 
 
+def percent(fraction: float) -> float:
+    """A share (mIoU, IoU, pixel accuracy, mAP) as the project shows it everywhere: in % (MLflow metrics, the
+    console, run descriptions, Optuna values, reports). Inside a run (checkpoints, ``result.json``) it stays a
+    fraction of 1."""
+    return 100.0 * fraction
+
+
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """``[K, K]`` int64 counts, rows = ground truth, columns = prediction."""
     keep = target != ignore_index

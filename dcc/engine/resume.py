@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 from dcc.engine import checkpoint as ckpt
 from dcc.engine.preemption import requeued
+from dcc.engine.metrics import percent
 
 RESULT_FILE = "result.json"  # written when a run has finished and logged everything
 
@@ -109,8 +110,8 @@ def decide(run_dir: Path, mode: str) -> Decision:
     if result is not None:
         return Decision(
             "finished", result=result,
-            message=(f"already finished: {run_dir} (final val mIoU {result['final_miou']:.4f}, best "
-                     f"{result['best_miou']:.4f} after {result['steps']} steps"
+            message=(f"already finished: {run_dir} (final val mIoU {percent(result['final_miou']):.2f}%, best "
+                     f"{percent(result['best_miou']):.2f}% after {result['steps']} steps"
                      + (f", MLflow run {result['mlflow_run_id']}" if result.get("mlflow_run_id") else "")
                      + "); not training it again "
                      "(trainer.resume=restart trains it from scratch)"),

@@ -14,6 +14,7 @@ from dcc.engine import checkpoint as ckpt
 from dcc.config import Method
 from dcc.data.build import DataBundle, eval_loader
 from dcc.engine.evaluate import predict_whole
+from dcc.engine.metrics import percent
 from dcc.method.models import Segmentor, build_model
 from dcc.engine.trainer import FitResult, fit
 
@@ -69,9 +70,9 @@ def self_train(cfg: Any, data: DataBundle, device: torch.device, tracker: Any, r
                       test=False).model  # the test split measures the student (the run's result) only
     pseudo = pseudo_label(teacher, cfg, data, device)
     del teacher
-    tracker.log_metrics({"st/pseudo_kept": pseudo.kept}, 0)
+    tracker.log_metrics({"st/pseudo_kept": percent(pseudo.kept)}, 0)
     log.info("self-training: %.1f %% of the unlabeled pixels keep a pseudo-label (loss.st_threshold=%s)%s",
-             100 * pseudo.kept, cfg.loss.st_threshold,
+             percent(pseudo.kept), cfg.loss.st_threshold,
              "; the pseudo-labeled images get the unlabeled views' augmentation" if cfg.loss.get("st_unlabeled_aug") else "")
     return fit(cfg, data, device, tracker, run_dir, method=Method.suponly, backbone_weights=backbone_weights,
                extra_labeled=(pseudo, np.arange(len(pseudo))))

@@ -35,6 +35,9 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 UI_TRAINING_VIEW = "workflowType=machine_learning"  # the URL query that opens MLflow 3's UI on runs, not GenAI
 NOTE_TAG = "mlflow.note.content"
+# Shares (mIoU, IoU, pixel accuracy) are logged in % on every run that carries this tag; runs of a store written
+# before it (2026-12-06) logged fractions of 1 and have no such tag: the reports read them as fractions.
+UNIT_TAG, PERCENT = "dcc.unit", "percent"
 
 
 class StoreError(RuntimeError):
@@ -201,13 +204,14 @@ class MLflowTracker:
         if run_id is not None:
             try:
                 self.client.update_run(run_id, status="RUNNING")
+                self.client.set_tag(run_id, UNIT_TAG, PERCENT)  # its final metrics are logged in % from now on
                 if parent:  # continued by a re-run sweep: it joins that sweep's group
                     self.client.set_tag(run_id, PARENT_TAG, parent)
                 self.run_id = run_id
                 return run_id
             except Exception as exc:  # noqa: BLE001
                 log.warning("cannot resume MLflow run %s (%s): starting a new run", run_id, exc)
-        tags = dict(tags)
+        tags = dict(tags) | {UNIT_TAG: PERCENT}
         if parent:  # a sweep's parent run (created by the multirun callback): the UI groups the jobs under it
             tags[PARENT_TAG] = parent
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)

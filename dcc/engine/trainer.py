@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
@@ -33,6 +32,7 @@ from dcc.config import Method, Precision, ViewBN, choice
 from dcc.method.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
 from dcc.engine.evaluate import eval_options, evaluate
+from dcc.engine.metrics import percent
 from dcc.method.losses import cross_entropy
 from dcc.method.models import Segmentor, build_model
 from dcc.method.models.sync_bn import convert_sync_batch_norm
@@ -126,6 +126,10 @@ class _Progress:
     best: float = -1.0
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, val mIoU) of every evaluation
     final: dict[str, Any] = field(default_factory=dict)  # the evaluation at max_steps, once reached
+    # (fractions of 1 in the checkpoint, as every checkpoint before; in % wherever they leave the run)
+
+    def history_percent(self) -> list[tuple[int, float]]:
+        return [(s, percent(v)) for s, v in self.history]
 
 
 class Trainer:
@@ -181,19 +185,25 @@ class Trainer:
         self.meter = _Meter()
         self.unlabeled: Iterator[dict[str, torch.Tensor]] | None = None  # opened at loss.start_step
         self.trial = None if prefix else TrialLink.from_env()  # a job of an Optuna trial: its link to the sweeper
+        # opened by train(): the validation loader, the progress bar, the signal guard (preemption, time limit)
+        self.val: Any = None
+        self.bar: Any = None
+        self.guard: PreemptionGuard | None = None
 
     # ------------------------------------------------------------------------------------- restore
     def restore(self) -> None:
-        """Continue from ``last.pt`` (unless ``trainer.resume=restart``); every rank ends with rank 0's weights."""
+        """Continue from ``last.pt`` (unless ``trainer.resume=restart``); every rank ends with rank 0's weights.
+
+        A restart is :mod:`dcc.engine.resume`'s alone: the job sets the whole previous run aside before training,
+        so a ``last.pt`` found here under ``restart`` would be overwritten: refused instead."""
         last = self.last
         self.state_dir.mkdir(parents=True, exist_ok=True)
         mode = resume_mode(self.cfg)
+        if mode == "restart" and last.exists():
+            raise RuntimeError(f"trainer.resume=restart with {last} present: python run.py (dcc.engine.job) sets a "
+                               "previous run aside before training; a direct caller of fit() must move it itself")
         if ddp.is_main():
             ckpt.remove_stale_tmp(last)  # left by a write that was killed; last.pt itself is intact
-            if mode == "restart" and last.exists():  # dcc.engine.job moves a whole run aside first; this is for direct callers
-                aside = last.with_name(f"last.pt.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                last.rename(aside)
-                log.warning("trainer.resume=restart: moved %s to %s", last, aside)
         ddp.barrier()
         if mode != "restart" and last.exists():
             try:
@@ -310,10 +320,10 @@ class Trainer:
             self.save(finished=is_last)
         if pruned and not is_last:  # checkpoint kept (the same command continues it); the job ends cleanly
             if self.trial is not None and ddp.is_main():
-                self.trial.report(step, self.progress.history, tc.max_steps, pruned=True)
+                self.trial.report(step, self.progress.history_percent(), tc.max_steps, pruned=True)
             self.bar.close()
             at = self.trial.pruned_at(step) if self.trial is not None else step
-            raise TrialPruned(at, self.progress.history[-1][1] if self.progress.history else float("nan"), step)
+            raise TrialPruned(at, percent(self.progress.history[-1][1]) if self.progress.history else float("nan"), step)
         if stop:
             if ddp.is_main():
                 self.bar.write(f"{self.prefix}{signal.Signals(self.guard.signum).name}: checkpoint written at step "
@@ -353,15 +363,16 @@ class Trainer:
         p.best = max(p.best, res["miou"])
         p.history.append((p.step, res["miou"]))
         if self.trial is not None and ddp.is_main():  # the sweeper reports it to the study as an intermediate value
-            self.trial.report(p.step, p.history, self.tc.max_steps)
+            self.trial.report(p.step, p.history_percent(), self.tc.max_steps)
         self.tracker.log_metrics(
-            {f"{pre}val/miou": res["miou"], f"{pre}val/pixel_acc": res["pixel_acc"], f"{pre}val/best_miou": p.best}
-            | ({f"{pre}val/weak_map": res["weak_map"]} if "weak_map" in res else {}), p.step,
+            {f"{pre}val/miou": percent(res["miou"]), f"{pre}val/pixel_acc": percent(res["pixel_acc"]),
+             f"{pre}val/best_miou": percent(p.best)}
+            | ({f"{pre}val/weak_map": percent(res["weak_map"])} if "weak_map" in res else {}), p.step,
         )
         if ddp.is_main():
-            weak = f" weak mAP {res['weak_map']:.4f}" if "weak_map" in res else ""
-            self.bar.write(f"{pre}step {p.step}: val mIoU {res['miou']:.4f} (best {p.best:.4f}) "
-                           f"pixel acc {res['pixel_acc']:.4f}{weak}")
+            weak = f" weak mAP {percent(res['weak_map']):.2f}%" if "weak_map" in res else ""
+            self.bar.write(f"{pre}step {p.step}: val mIoU {percent(res['miou']):.2f}% (best {percent(p.best):.2f}%) "
+                           f"pixel acc {percent(res['pixel_acc']):.2f}%{weak}")
         if is_last:
             p.final = res
 
@@ -389,8 +400,8 @@ class Trainer:
         final = p.final or self._evaluate(self.tc.num_vis)  # none: resumed from a finished checkpoint
         names = list(cfg.dataset.class_names) or [str(i) for i in range(cfg.dataset.num_classes)]
         self.tracker.log_metrics(
-            {f"{pre}val/iou/{n}": v for n, v in zip(names, final["iou"]) if not math.isnan(v)}
-            | {f"{pre}val/final_miou": final["miou"], f"{pre}val/best_miou": p.best},
+            {f"{pre}val/iou/{n}": percent(v) for n, v in zip(names, final["iou"]) if not math.isnan(v)}
+            | {f"{pre}val/final_miou": percent(final["miou"]), f"{pre}val/best_miou": percent(p.best)},
             p.step,
         )
         if final.get("samples") and ddp.is_main():
@@ -410,13 +421,13 @@ class Trainer:
             return None
         res = self._evaluate(0, eval_loader(self.cfg, self.data.test, self.device))
         self.tracker.log_metrics(
-            {f"test/iou/{n}": v for n, v in zip(names, res["iou"]) if not math.isnan(v)}
-            | {"test/miou": res["miou"], "test/pixel_acc": res["pixel_acc"]},
+            {f"test/iou/{n}": percent(v) for n, v in zip(names, res["iou"]) if not math.isnan(v)}
+            | {"test/miou": percent(res["miou"]), "test/pixel_acc": percent(res["pixel_acc"])},
             self.progress.step,
         )
         if ddp.is_main():
-            log.info("step %d: test mIoU %.4f pixel acc %.4f (%d held-out images, evaluated once)",
-                     self.progress.step, res["miou"], res["pixel_acc"], len(self.data.test))
+            log.info("step %d: test mIoU %.2f%% pixel acc %.2f%% (%d held-out images, evaluated once)",
+                     self.progress.step, percent(res["miou"]), percent(res["pixel_acc"]), len(self.data.test))
         return res
 
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from dcc.config import result_neutral
+from dcc.engine.metrics import percent
 from dcc.engine.naming import ST_ONLY_KEYS
+from dcc.engine.tracking import PERCENT, UNIT_TAG
 from dcc.sweeps.paper import ROW_ORDER, paper_miou, switches_label
 
 BEST, LAST, TEST = "val/best_miou", "val/final_miou", "test/miou"
@@ -76,7 +78,7 @@ class Record:
     row: str  # loss preset (the arm)
     col: tuple[tuple[str, str], ...]  # ((key, value), ...) of the column keys
     seed: str  # trainer/seed
-    best: float | None  # val/best_miou
+    best: float | None  # val/best_miou (every mIoU of a record in %)
     last: float | None  # val/final_miou
     dataset: str
     segnet: str
@@ -336,8 +338,11 @@ def varying_keys(params: Sequence[dict[str, str]]) -> list[str]:
 
 
 def _metric(run: Any, name: str) -> float | None:
+    """A run's metric in % (a run without the unit tag logged fractions of 1: read as such)."""
     v = run.data.metrics.get(name)
-    return None if v is None or not math.isfinite(v) else float(v)
+    if v is None or not math.isfinite(v):
+        return None
+    return float(v) if run.data.tags.get(UNIT_TAG) == PERCENT else percent(float(v))
 
 
 def choose_split(runs: Sequence[Any], split: str | None = None) -> tuple[str, list[str]]:
@@ -479,20 +484,19 @@ def _arm_of_value(key: str, value: str, arms: Sequence[str]) -> str:
 
 
 def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = None, paper: str = "match",
-                 split: str | None = None, baseline: str | None = None, rows: str | None = None) -> Report:
+                 split: str | None = None, baseline: str | None = None, rows_key: str | None = None) -> Report:
     """Aggregate runs over replicates and pair every arm with the baseline arm.
 
     ``paper``: ``match`` (paper numbers where the setting matches), ``always`` (compare with Table 3 /
     Table 1 at VOC, DeepLabv3+ ResNet-50) or ``never``. ``split``: ``val``, ``test`` or None (test when
     every run has it). ``baseline``: the arm the others are compared with; None: ``suponly`` when the sweep
     has it (else no comparison). A named baseline that the sweep lacks raises :class:`ReportError`.
-    ``rows``: a parameter whose values are the arms instead of the loss presets (paired on the replicates as
+    ``rows_key``: a parameter whose values are the arms instead of the loss presets (paired on the replicates as
     presets are); ``baseline`` is then one of its values (``0`` matches ``0.0``).
     """
     runs = list(runs)
-    by_value = rows  # the name `rows` below is the list of arms
     split, split_notes = choose_split(runs, split)
-    records, keys, notes = records_from_runs(runs, by, split, by_value)
+    records, keys, notes = records_from_runs(runs, by, split, rows_key)
     notes = split_notes + notes
     groups: dict[tuple[Any, ...], list[Record]] = {}
     for rec in records:
@@ -502,9 +506,9 @@ def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = 
     ablation = any(r not in ("suponly", "ablation_viii", "weakly") for r in rows)
     cells = []
     for (row, col), recs in groups.items():
-        cell = Cell(row=row, col=col, values=[100 * r.value for r in recs], replicates=[r.replicate for r in recs],
-                    best=[100 * r.best for r in recs if r.best is not None],
-                    last=[100 * r.last for r in recs if r.last is not None],
+        cell = Cell(row=row, col=col, values=[r.value for r in recs], replicates=[r.replicate for r in recs],
+                    best=[r.best for r in recs if r.best is not None],
+                    last=[r.last for r in recs if r.last is not None],
                     steps=" ".join(sorted({r.steps for r in recs if r.steps})))
         settings = {(r.dataset, r.segnet, r.backbone, r.split, r.protocol) for r in recs}
         if paper != "never" and len(settings) == 1:
@@ -519,8 +523,8 @@ def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = 
         if found:
             notes.append("no paper numbers: dataset/segnet/backbone " + ", ".join(found)
                          + " match no table of the paper (--paper always compares with Table 3 anyway)")
-    if baseline is not None and by_value is not None:
-        baseline = _arm_of_value(by_value, baseline, rows)
+    if baseline is not None and rows_key is not None:
+        baseline = _arm_of_value(rows_key, baseline, rows)
     if baseline is not None and rows and baseline not in rows:
         raise ReportError(f"baseline arm {baseline!r} is not in this sweep (arms: {', '.join(rows)})")
     chosen = baseline if baseline is not None else (DEFAULT_BASELINE if DEFAULT_BASELINE in rows else None)
@@ -536,5 +540,5 @@ def build_report(runs: Iterable[Any], *, title: str, by: Sequence[str] | None = 
     return Report(title=title, by=keys, cells=cells, rows=rows, cols=cols, notes=notes, paper_label=label,
                   switches=switches, split=split, steps=sorted({r.steps for r in records if r.steps}),
                   baseline=chosen if comparisons else None, comparisons=comparisons, subset=_subset(cells, records),
-                  split_seeds=split_seeds, row_key=by_value or "loss")
+                  split_seeds=split_seeds, row_key=rows_key or "loss")
 

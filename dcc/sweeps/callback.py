@@ -31,13 +31,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dcc.engine.tracking import (open_client, PARENT_RUN_ENV, PARENT_TAG, SWEEP_KEY_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_KEYS_ENV,
+from dcc.engine.tracking import (PERCENT, UNIT_TAG, open_client, PARENT_RUN_ENV, PARENT_TAG, SWEEP_KEY_TAG, SWEEP_NAME_TAG, SWEEP_TAG, SWEPT_KEYS_ENV,
                           default_tracking_uri, experiment_id)
 
 log = logging.getLogger(__name__)
-# the parent run's description is the report (mIoU in %); its metrics, like its jobs', are fractions of 1
-UNITS_NOTE = ("\n\nUnits: the tables are mIoU in %; this run's metrics and its jobs' (val/miou, test/miou, "
-              "test/mean_miou/..., test/diff_vs_...) are fractions of 1 (0.487 = 48.7 %).")
+# the parent run's description is the report; it, its metrics and its jobs' are all in % (tag dcc.unit)
+UNITS_NOTE = ("\n\nUnits: mIoU in % everywhere: the tables, this run's metrics and its jobs' (val/miou, "
+              "test/miou, test/mean_miou/..., test/diff_vs_... in points).")
 
 DEFAULT_JOB_NAME = "run"  # hydra.job.name of run.py when not overridden
 
@@ -161,10 +161,11 @@ class MLflowSweepParent(Callback):
             if found:
                 self.run_id = found[0].info.run_id
                 self.client.update_run(self.run_id, status="RUNNING")
+                self.client.set_tag(self.run_id, UNIT_TAG, PERCENT)  # its metrics are rewritten in %
                 log.info("continuing the sweep's MLflow parent run %s (%s)", self.run_id, key)
         if self.run_id is None:
             tags = {
-                SWEEP_TAG: "true", SWEEP_NAME_TAG: name, "dcc.sweep_dir": str(self.sweep_dir),
+                SWEEP_TAG: "true", SWEEP_NAME_TAG: name, UNIT_TAG: PERCENT, "dcc.sweep_dir": str(self.sweep_dir),
                 "dcc.sweeper": str(_get(config, "hydra.sweeper._target_", "")).rsplit(".", 1)[-1],
                 "dcc.launcher": str(_get(config, "hydra.launcher._target_", "")).rsplit(".", 1)[-1],
                 "dcc.command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:5000],

@@ -43,7 +43,6 @@ import importlib
 import logging
 import math
 import os
-import re
 import socket
 import threading
 import traceback
@@ -60,6 +59,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from dcc.config import quote_split_value
+from dcc.engine.tracking import PERCENT, UNIT_TAG as UNIT_ATTR
 from dcc.engine.trial_link import DIR_ENV, REPLICATE_ENV, read_reports, request_stop
 
 log = logging.getLogger(__name__)
@@ -263,9 +264,7 @@ def _plain(value: Any) -> Any:
 
 def _override(name: str, value: Any) -> str:
     """``key=value`` for Hydra's override parser (split names like 1_8 would otherwise read as 18)."""
-    if isinstance(value, str) and re.fullmatch(r"\d+_\d+", value):
-        value = f"'{value}'"
-    return f"{name}={value}"
+    return f"{name}={quote_split_value(value) if isinstance(value, str) else value}"
 
 
 class StudySweeper(Sweeper):
@@ -316,6 +315,7 @@ class StudySweeper(Sweeper):
         directions = self._directions()
         study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=sampler,
                                     pruner=self.pruner, directions=directions, load_if_exists=True)
+        self._check_unit(study)
         self._describe(study, fixed)
 
         trials = study.get_trials(deepcopy=False)
@@ -378,6 +378,18 @@ class StudySweeper(Sweeper):
                 f"{self.replicate_key} is {where}, but hydra.sweeper.replicates={len(self.replicates)} sets it to "
                 f"{self.replicates} (choose them with hydra.sweeper.replicate_values)")
 
+    @staticmethod
+    def _check_unit(study: optuna.Study) -> None:
+        """Jobs return the validation mIoU in %; a study whose trials hold fractions of 1 (dcc before 2026-12-06)
+        would mix the two scales: refused, in one line."""
+        n = len(study.get_trials(deepcopy=False))
+        if n and study.user_attrs.get(UNIT_ATTR) != PERCENT:
+            raise SweeperConfigError(
+                f"hydra.sweeper.study_name={study.study_name}: its {n} trials hold the validation mIoU as fractions "
+                "of 1 (made before dcc logged it in %); values in % would mix with them: choose a new study_name "
+                "(python -m dcc.report still reads the old study)")
+        study.set_user_attr(UNIT_ATTR, PERCENT)
+
     def _describe(self, study: optuna.Study, fixed: dict[str, str]) -> None:
         """What the study report needs besides the trials: the fixed overrides, the replicates, the step budget."""
         task = {k: v for k, v in fixed.items() if not k.lstrip("+~").startswith(("hydra", "hparams_search"))}
@@ -396,6 +408,10 @@ class StudySweeper(Sweeper):
         kind, old = item
         reported: set[int] = set()
         if kind == "orphan":
+            # Optuna has no public call that hands back a RUNNING trial of an earlier process; FrozenTrial's
+            # _trial_id (stable from Optuna 3.0 to 4.x) is the id its own Trial takes. Failing the trial and
+            # enqueueing its parameters instead would leave a FAIL trial and a second number for one setting.
+            # tests/test_optuna.py (an interrupted study reruns its running trial) breaks if this stops working.
             trial, values = optuna.Trial(study, old._trial_id), dict(old.params)
             reported = set(old.intermediate_values)
         else:
@@ -499,7 +515,7 @@ class StudySweeper(Sweeper):
                 run.prune_step = step
                 run.trial.set_user_attr(PRUNED_AT, step)  # before the stop file: a killed sweeper does not rerun it
                 request_stop(run.dir, step)
-                log.info("trial %d pruned at step %d (value %.4f): its jobs stop at their next step",
+                log.info("trial %d pruned at step %d (value %.2f): its jobs stop at their next step",
                          run.trial.number, step, sum(values) / len(values))
                 return
 
@@ -594,7 +610,7 @@ class StudySweeper(Sweeper):
             results.update(best_params=dict(best.params), best_value=best.value, best_trial=best.number,
                            best_overrides=overrides)
             mean = f" (mean of {len(self.replicates)} replicates)" if self.replicates else ""
-            print(f"Best trial {best.number} of study {study.study_name!r}: value {best.value:.4f}{mean}\n"
+            print(f"Best trial {best.number} of study {study.study_name!r}: value {best.value:.2f}{mean}\n"
                   f"  params: {dict(best.params)}\n  reproduce: python run.py {overrides}", flush=True)
         else:
             results["solutions"] = [{"number": t.number, "params": dict(t.params), "values": list(t.values)}

@@ -376,7 +376,7 @@ def _metric_name(report: Report, c: Cell | Comparison) -> str:
 
 
 def summary_metrics(report: Report) -> dict[str, float]:
-    """The table as MLflow metrics of the sweep's parent run (fractions, like the jobs' ``val/*_miou``):
+    """The table as MLflow metrics of the sweep's parent run (in %, like the jobs' ``val/*_miou``):
     ``mean_final_miou/<row>[/<column>]`` and ``mean_best_miou/...`` (validation) per cell (the column only when
     there are several), ``best_mean_final_miou`` over the cells and ``finished_runs``; on the report's split
     (``<split>/``): ``mean_miou``, ``n`` and ``ci95_low`` / ``ci95_high`` per cell and, per arm against the
@@ -389,24 +389,24 @@ def summary_metrics(report: Report) -> dict[str, float]:
     for c in report.cells:
         name = _metric_name(report, c)
         if c.last:
-            out[f"mean_final_miou/{name}"] = statistics.fmean(c.last) / 100
+            out[f"mean_final_miou/{name}"] = statistics.fmean(c.last)
         if c.best:
-            out[f"mean_best_miou/{name}"] = statistics.fmean(c.best) / 100
-        out[f"{s}/mean_miou/{name}"] = c.mean / 100
+            out[f"mean_best_miou/{name}"] = statistics.fmean(c.best)
+        out[f"{s}/mean_miou/{name}"] = c.mean
         out[f"{s}/n/{name}"] = float(c.n)
         if c.ci is not None:
-            out[f"{s}/ci95_low/{name}"], out[f"{s}/ci95_high/{name}"] = c.ci[0] / 100, c.ci[1] / 100
+            out[f"{s}/ci95_low/{name}"], out[f"{s}/ci95_high/{name}"] = c.ci[0], c.ci[1]
     for cmp in report.comparisons:
         if cmp.mean is None:
             continue
         name = _metric_name(report, cmp)
-        out[f"{s}/diff_vs_{cmp.baseline}/{name}"] = cmp.mean / 100
+        out[f"{s}/diff_vs_{cmp.baseline}/{name}"] = cmp.mean
         out[f"{s}/diff_same_sign/{name}"] = float(cmp.same_sign)
         if cmp.ci is not None:
-            out[f"{s}/diff_ci95_low/{name}"], out[f"{s}/diff_ci95_high/{name}"] = cmp.ci[0] / 100, cmp.ci[1] / 100
+            out[f"{s}/diff_ci95_low/{name}"], out[f"{s}/diff_ci95_high/{name}"] = cmp.ci[0], cmp.ci[1]
     lasts = [statistics.fmean(c.last) for c in report.cells if c.last]
     if lasts:
-        out["best_mean_final_miou"] = max(lasts) / 100
+        out["best_mean_final_miou"] = max(lasts)
     out["finished_runs"] = float(sum(c.n for c in report.cells))
     return out
 

@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
     try:
         report = build_report(runs, title=title, by=by, paper=args.paper, split=args.split, baseline=args.baseline,
-                              rows=args.rows)
+                              rows_key=args.rows)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

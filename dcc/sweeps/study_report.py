@@ -29,6 +29,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from dcc.engine.tracking import PERCENT, UNIT_TAG as UNIT_ATTR  # the sweeper sets it on a study as on a run
+
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 
 
@@ -117,7 +119,7 @@ def paired_lead(best: Row, base: Row, maximize: bool) -> str:
     verdict = "larger than the noise (the interval excludes 0)" if lo > 0 or hi < 0 else \
         "within the noise (the interval includes 0)"
     return (f"lead of trial {best.number} over the baseline (trial {base.number}), paired over {n} replicates "
-            f"({', '.join(shared)}): {100 * mean:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]: "
+            f"({', '.join(shared)}): {mean:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}]: "
             f"{verdict}; validation split")
 
 
@@ -128,6 +130,8 @@ def build(study: optuna.Study, storage: str) -> StudyReport:
     replicate_key, replicate_values = reps.get("key", "trainer.seed"), list(reps.get("values") or [])
     max_steps = attrs.get("dcc.max_steps") or max((t.user_attrs.get("max_steps") or 0 for t in trials), default=0) or None
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE if len(study.directions) == 1 else True
+    # values in % (mIoU); a study made before dcc logged mIoU in % (no unit attribute) holds fractions of 1
+    scale = 1.0 if attrs.get(UNIT_ATTR) == PERCENT or not trials else 100.0
     counts: dict[str, int] = {}
     rows: list[Row] = []
     for t in trials:
@@ -135,9 +139,10 @@ def build(study: optuna.Study, storage: str) -> StudyReport:
         steps = list(t.user_attrs.get("steps") or [])
         if not steps:  # a trial of an older sweeper: its last reported step, or the whole run when complete
             steps = [t.last_step if t.last_step is not None else (max_steps if t.state == TrialState.COMPLETE else None)]
-        rows.append(Row(t.number, t.state.name, t.value if len(study.directions) == 1 else None, steps,
-                        dict(t.params), {str(k): float(v) for k, v in (t.user_attrs.get("replicate_values") or {}).items()
-                                         if not isinstance(v, list)}))
+        value = scale * t.value if len(study.directions) == 1 and t.value is not None else None
+        rows.append(Row(t.number, t.state.name, value, steps, dict(t.params),
+                        {str(k): scale * float(v) for k, v in (t.user_attrs.get("replicate_values") or {}).items()
+                         if not isinstance(v, list)}))
     by_number = {r.number: r for r in rows}
     base_trial = _baseline(trials)
     baseline = by_number.get(base_trial.number) if base_trial is not None else None
@@ -171,6 +176,9 @@ def build(study: optuna.Study, storage: str) -> StudyReport:
     trained = sum(s for r in rows for s in r.steps if s)
     full = len(rows) * per_trial * max_steps if max_steps else None
     notes: list[str] = []
+    if scale != 1.0:
+        notes.append("the study stores its values as fractions of 1 (it was made before dcc logged mIoU in %): the "
+                     "table shows them in %, Optuna's plots as stored")
     importances: dict[str, float] = {}
     if len(study.directions) == 1:
         try:
@@ -197,19 +205,20 @@ def to_markdown(rep: StudyReport) -> str:
             f"{', '.join(str(v) for v in rep.replicate_values)}; value = their mean)") if rep.replicate_values else \
         "one run per trial"
     lines = [f"## Optuna study {rep.study_name}", "",
-             f"{len(rep.rows)} trials ({counts}); {rep.direction} the validation mIoU; {reps}. Storage: {rep.storage}.", ""]
+             f"{len(rep.rows)} trials ({counts}); {rep.direction} the validation mIoU (in %); {reps}. "
+             f"Storage: {rep.storage}.", ""]
     head = ["trial", "", "state", "value", "steps"] + names + (["replicates"] if rep.replicate_values else [])
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for r in rep.rows:
         steps = "+".join("?" if s is None else str(s) for s in r.steps)
-        cells = [str(r.number), " ".join(r.marks), r.state, "" if r.value is None else f"{r.value:.4f}", steps]
+        cells = [str(r.number), " ".join(r.marks), r.state, "" if r.value is None else f"{r.value:.2f}", steps]
         cells += [_fmt(r.params[k]) if k in r.params else "" for k in names]
         if rep.replicate_values:
-            cells.append(", ".join(f"{k}: {v:.4f}" for k, v in r.replicates.items()))
+            cells.append(", ".join(f"{k}: {v:.2f}" for k, v in r.replicates.items()))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if rep.best is not None:
-        lines += [f"**Best: trial {rep.best.number}**, value {rep.best.value:.4f}; reproduce: `{rep.reproduce}`", ""]
+        lines += [f"**Best: trial {rep.best.number}**, value {rep.best.value:.2f}; reproduce: `{rep.reproduce}`", ""]
     lines += [f"Best vs baseline: {rep.lead}.", ""]
     if rep.steps_full:
         lines += [f"Steps trained: {rep.steps_trained:,} of {rep.steps_full:,} = **{100 * rep.steps_share:.1f}%** "

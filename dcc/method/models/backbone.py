@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from typing import Any, Mapping, Sequence
 
 import timm
@@ -21,7 +20,7 @@ from torch import nn
 
 from dcc.method.models.vgg import dilate_vgg, is_vgg
 from dcc.method.models.vit import ViTBackbone, is_vit
-from dcc.method.models.weights import WeightsError, load_local_weights
+from dcc.method.models.weights import WeightsError, hub_offline, load_local_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,6 @@ class Backbone(nn.Module):
         super().__init__()
         if vit_blocks:
             raise ValueError(f"backbone.vit_blocks={list(vit_blocks)} only applies to ViT backbones, not {name!r}")
-        if pretrained and not allow_download:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         extra = dict(kwargs or {})
         vgg = is_vgg(name)
         if vgg:  # timm's VGG has no output_stride: stride-4 tap and the last map, dilated below
@@ -73,8 +70,9 @@ class Backbone(nn.Module):
         elif output_stride != 32:
             extra["output_stride"] = output_stride
         try:
-            self.body = timm.create_model(name, features_only=True, pretrained=pretrained, **extra)
-        except RuntimeError as exc:
+            with hub_offline(pretrained and not allow_download):
+                self.body = timm.create_model(name, features_only=True, pretrained=pretrained, **extra)
+        except (RuntimeError, OSError) as exc:  # OSError: the hub's "not in the local cache"
             if pretrained:
                 raise WeightsError(
                     f"backbone.pretrained=true: timm could not load {name!r} weights from its local cache "

@@ -29,7 +29,6 @@ ResNet at output stride 16 (``tests/test_vit.py`` checks it by receptive fields)
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import timm
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcc.method.models.weights import WeightsError, load_local_weights
+from dcc.method.models.weights import WeightsError, hub_offline, load_local_weights
 
 VIT_MODULES = ("vision_transformer", "deit")  # timm modules of the plain ViT class (DINOv2, DINO, DeiT, CLIP, ...)
 
@@ -86,12 +85,11 @@ class ViTBackbone(nn.Module):
         vit_blocks: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        if pretrained and not allow_download:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         extra = {"dynamic_img_size": True, **dict(kwargs or {}), "num_classes": 0}
         try:
-            self.body = timm.create_model(name, pretrained=pretrained, **extra)
-        except RuntimeError as exc:
+            with hub_offline(pretrained and not allow_download):
+                self.body = timm.create_model(name, pretrained=pretrained, **extra)
+        except (RuntimeError, OSError) as exc:  # OSError: the hub's "not in the local cache"
             if pretrained:
                 raise WeightsError(
                     f"backbone.pretrained=true: timm could not load {name!r} weights from its local cache "

@@ -3,10 +3,11 @@ matched to the model by name and shape, with one message naming the file when it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +20,25 @@ _PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 
 class WeightsError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def hub_offline(active: bool) -> Iterator[None]:
+    """While ``active``: the Hugging Face Hub answers from its local cache only (timm's ``pretrained=True`` then
+    fails at once instead of trying the network), for this call only. The hub reads ``HF_HUB_OFFLINE`` once, when
+    it is imported (timm imports it), so setting the variable later does nothing in this process and would
+    only leak into child processes: its module switch is set and restored instead."""
+    if not active:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
