@@ -67,4 +67,4 @@ def test_two_training_steps_on_cityscapes(tmp_path):
     root = make_cityscapes(tmp_path / "cs")
     cfg = compose_cfg(["dataset=cityscapes", f"dataset.root={root}", *TINY_REAL, "split='1_4'",
                        f"trainer.runs_root={tmp_path / 'runs'}"])
-    assert 0.0 <= run(cfg, launch_dir=tmp_path) <= 1.0
+    assert 0.0 <= run(cfg, launch_dir=tmp_path) <= 100.0  # in %
