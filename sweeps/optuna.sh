@@ -17,9 +17,12 @@ source "$(dirname "$0")/_common.sh"
 # = 1, 2, side by side; the trial's value is their mean), one trial at a time (two 1-thread jobs), TPE after 4 of
 # them; lambda up to 1 and tau up to 0.5 (lambda 1.0 collapsed on this benchmark, 0.3 was already 2.4 points worse
 # than 0.1), and the start of the consistency loss, loss.start_step in {0, 150, 300} (the profile's fixed 300 is
-# overridden by each trial's value). Pruning: asynchronous successive halving, one rung at 450 steps (the next,
-# 1,800, is past the end): every trial has had at least 150 steps of the consistency loss there, and about 1 trial
-# in 4 goes on to 1,500 (on fake curves, tests/test_optuna_pruning.py, 12 trials train about 55% of 12 x 1,500 steps). Trial 0 is the preset (lambda 0.1, gamma 0.75, tau 0.1, start step 300 as in the bench profile).
+# overridden by each trial's value). Pruning: asynchronous successive halving with two rungs, 450 and 900 steps
+# (reduction factor 2: about half of the trials go past 450, a quarter to 1,500; at 450 every trial has had at least
+# 150 steps of the consistency loss). Chosen 2026-12-06 by replaying the curves of the first 1-replicate study
+# (docs/embedded-benchmark.md): one rung at 450 with factor 4 trained 65% of the steps there (early trials, with few
+# to compare with, all went on), two rungs with factor 2 would have trained 57%. Trial 0 is the preset (lambda 0.1,
+# gamma 0.75, tau 0.1, start step 300 as in the bench profile).
 # The rule that decides what the study may change is written before it runs: conf/hparams_search/lambda_gamma_tau.yaml.
 # Later overrides win.
 # Its own study name (the 7-trial study of issue 11, same setting, is not continued).
@@ -28,5 +31,5 @@ BENCH_JOBS=('hydra.sweeper.study_name=lambda_gamma_tau-bench22-${trainer.max_ste
             hydra.sweeper.sampler.n_startup_trials=4
             '++hydra.sweeper.params={loss.weight:"tag(log, interval(0.02, 1.0))",loss.temperature:"tag(log, interval(0.05, 0.5))",loss.start_step:"choice(0, 150, 300)"}'
             'hydra.sweeper.enqueue=[{loss.weight:0.1,loss.pos_threshold:0.75,loss.temperature:0.1,loss.start_step:300}]'
-            'hydra.sweeper.pruner={_target_:optuna.pruners.SuccessiveHalvingPruner,min_resource:450,reduction_factor:4}')
+            'hydra.sweeper.pruner={_target_:optuna.pruners.SuccessiveHalvingPruner,min_resource:450,reduction_factor:2}')
 run_sweep lambda_gamma_tau "$@"
