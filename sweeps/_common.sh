@@ -5,7 +5,7 @@
 #
 #   bash sweeps/<name>.sh [try|bench|paper] [overrides...]
 #
-#   (no profile)  the config's own budget: on the embedded dataset the digits preset (600 steps per job)
+#   (no profile)  the config's own budget: the default preset digits_cpu (600 steps per job)
 #   try           profile=try (conf/profile/try.yaml): a few minutes on a CPU, 40 steps per job
 #   bench         profile=bench (conf/profile/bench.yaml), the embedded benchmark (docs/embedded-benchmark.md):
 #                 1,500 steps per job, consistency loss from step 300, 1-thread jobs, run here as a pool of two

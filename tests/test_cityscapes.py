@@ -40,7 +40,7 @@ def test_counts_order_and_label_mapping(tmp_path):
 
 def test_missing_directories_and_labels_are_named(tmp_path):
     with pytest.raises(LayoutError, match=r"(?s)missing .*nowhere/leftImg8bit/train.*gtFine/\{train,val\}.*DCC_CITYSCAPES_ROOT"):
-        load_sources(compose_cfg(["dataset=cityscapes", f"dataset.root={tmp_path / 'nowhere'}"]))
+        load_sources(compose_cfg(["experiment=none", "dataset=cityscapes", f"dataset.root={tmp_path / 'nowhere'}"]))
     root = make_cityscapes(tmp_path / "cs")
     name = city_names("val")[1]
     (root / "gtFine/val/frankfurt" / f"{name}_gtFine_labelIds.png").unlink()
@@ -65,6 +65,6 @@ def test_two_training_steps_on_cityscapes(tmp_path):
     from dcc.engine.job import run
 
     root = make_cityscapes(tmp_path / "cs")
-    cfg = compose_cfg(["dataset=cityscapes", f"dataset.root={root}", *TINY_REAL, "split='1_4'",
+    cfg = compose_cfg(["experiment=none", "dataset=cityscapes", f"dataset.root={root}", *TINY_REAL, "split='1_4'",
                        f"trainer.runs_root={tmp_path / 'runs'}"])
     assert 0.0 <= run(cfg, launch_dir=tmp_path) <= 100.0  # in %

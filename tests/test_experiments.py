@@ -86,10 +86,18 @@ def test_hand_count_of_the_plain_resnets_matches_the_published_sizes():
 
 
 EXTENSIONS = ["voc_deeplabv3plus_dinov2_s"]  # our settings beyond the paper (tested below)
+OURS = ["digits_cpu", "none"]  # the CPU demo (the default) and no preset (tests/test_presets.py)
 
 
 def test_every_preset_is_listed():
-    assert sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")) == sorted(PRESETS + EXTENSIONS)
+    assert sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")) == sorted(PRESETS + EXTENSIONS + OURS)
+
+
+@pytest.mark.parametrize("preset", PRESETS + EXTENSIONS + OURS)
+def test_every_preset_says_its_name(preset):
+    """``preset`` in --cfg job and MLflow params names the experiment a run started from (the paper's presets inherit
+    from voc_deeplabv3plus_r50, so each must set its own)."""
+    assert compose_cfg([f"experiment={preset}"]).preset == preset
 
 
 def test_dinov2_preset_keeps_cac_and_takes_unimatch_v2_encoder_settings():

@@ -23,7 +23,7 @@ def folder_root(tmp_path):
 
 
 def _cfg(root, *extra):
-    return compose_cfg(["dataset=folder", f"dataset.root={root}", *extra])
+    return compose_cfg(["experiment=none", "dataset=folder", f"dataset.root={root}", *extra])
 
 
 def test_classes_file_sets_num_classes_and_names(folder_root):

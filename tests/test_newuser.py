@@ -54,7 +54,7 @@ def _folder_cfg(root, tmp_path, *extra):
     overrides = [o for o in TINY_REAL if not o.startswith("logger")] + [
         f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"trainer.runs_root={tmp_path / 'runs'}",
         "split='1_4'"]
-    return compose_cfg(["dataset=folder", f"dataset.root={root}", *overrides, *extra])
+    return compose_cfg(["experiment=none", "dataset=folder", f"dataset.root={root}", *overrides, *extra])
 
 
 def test_the_folder_data_keys_the_run_directory_and_names_the_experiment(tmp_path):

@@ -16,7 +16,7 @@ from dcc.engine.visualize import palette
 from tests.conftest import compose_cfg
 from tests.realdata import VOC_VAL, make_voc
 
-SMALL = ["backbone=resnet18", "segnet.channels=32", "segnet.low_level_channels=16", "dataset=voc"]
+SMALL = ["backbone=resnet18", "segnet.channels=32", "segnet.low_level_channels=16", "experiment=none", "dataset=voc"]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Presets compose: a group chosen on the command line is never overruled by a preset (issue 24).
 
-A preset (the digits dataset's demo settings, every conf/experiment file) chooses groups in its defaults list
-(`override /optim: adamw`) and sets values; it never sets the key that names a group's option as a value
-(`optim.name: adamw`), which would win over `optim=sgd` given on the command line.
+An experiment preset (conf/experiment: digits_cpu, the default CPU demo, and the paper's settings) chooses groups
+in its defaults list (`override /optim: sgd`) and sets values; it never sets the key that names a group's option as
+a value (`optim.name: adamw`), which would win over `optim=adamw` given on the command line. Dataset files hold the
+data (and how it is loaded), nothing of the network, the optimiser, the loss or the budget.
 """
 
 from __future__ import annotations
@@ -102,3 +103,55 @@ def test_the_bench_profile_runs_one_thread_jobs_on_the_local_launcher():
         # the user's launcher wins (a SLURM sweep of the bench budget)
         slurm = compose("config", overrides=["profile=bench", "hydra/launcher=slurm"], return_hydra_config=True).hydra
         assert "Slurm" in slurm.launcher._target_
+
+
+def _entry_defaults() -> dict[str, str]:
+    """The group options conf/config.yaml names (``{"backbone": "resnet10t_l3", ...}``)."""
+    entries = yaml.safe_load((Path(CONF) / "config.yaml").read_text())["defaults"]
+    return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()
+            if "/" not in k and not k.startswith("override") and v is not None}
+
+
+def test_the_entry_config_names_the_groups_the_default_run_uses():
+    """`python run.py` trains with the options conf/config.yaml lists, not options a preset swaps in behind it."""
+    named = _entry_defaults()
+    assert named["experiment"] == "digits_cpu" and named["dataset"] == "digits"
+    default = compose_cfg([])
+    for group, key in IDENTITY.items():
+        assert _value(default[group][key]) == _options(group)[named[group]], f"{group}: config.yaml names {named[group]}"
+    assert default.preset == "digits_cpu"
+    demo = yaml.safe_load((Path(CONF) / "experiment" / "digits_cpu.yaml").read_text())
+    assert "defaults" not in demo, "the demo preset sets values only: its groups are the entry config's"
+
+
+@pytest.mark.parametrize("path", sorted(Path(CONF).glob("dataset/*.yaml")), ids=lambda p: p.stem)
+def test_a_dataset_file_holds_data_only(path):
+    body = yaml.safe_load(path.read_text()) or {}
+    assert "defaults" not in body, f"{path.name} chooses groups: that is a preset's job (conf/experiment)"
+    loading = {"num_workers", "eval_batch_size"}  # how the data is read: a dataset's own concern
+    assert set(body) <= {"dataset", "trainer", "logger"}, f"{path.name} sets {sorted(set(body) - {'dataset'})}"
+    assert set(body.get("trainer") or {}) <= loading, f"{path.name} sets a budget: {body['trainer']}"
+
+
+@pytest.mark.parametrize("dataset", ["voc", "cityscapes", "folder"])
+def test_another_dataset_under_the_demo_preset_fails_at_start_in_one_line(dataset, tmp_path):
+    from dcc.config import ConfigError, validate
+
+    root = [f"dataset.root={tmp_path}"] if dataset == "folder" else []
+    if dataset == "folder":
+        (tmp_path / "classes.txt").write_text("background\nthing\n")
+    with pytest.raises(ConfigError, match=f"dataset={dataset} with experiment=digits_cpu .* add experiment=none") as e:
+        validate(compose_cfg([f"dataset={dataset}", *root]))
+    assert "\n" not in str(e.value)
+    plain = compose_cfg(["experiment=none", f"dataset={dataset}", *root])
+    validate(plain)
+    assert plain.preset == "none" and plain.trainer.max_steps == compose_cfg(["experiment=none"]).trainer.max_steps
+
+
+def test_the_preset_name_is_shown_but_not_hashed():
+    from dcc.engine.job import run_dir_for
+
+    demo = compose_cfg([])
+    assert demo.preset == "digits_cpu"
+    renamed = compose_cfg(["preset=other"])
+    assert run_dir_for(demo, ROOT) == run_dir_for(renamed, ROOT)

@@ -209,7 +209,7 @@ def test_missing_weights_and_data_fail_before_any_run_exists(tiny_overrides, tmp
     from dcc.data.files import LayoutError
 
     with pytest.raises(LayoutError, match="voc: missing"):
-        run(compose_cfg(tiny_overrides + ["dataset=voc", f"dataset.root={tmp_path / 'novoc'}"]), launch_dir=tmp_path)
+        run(compose_cfg(tiny_overrides + ["experiment=none", "dataset=voc", f"dataset.root={tmp_path / 'novoc'}"]), launch_dir=tmp_path)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 

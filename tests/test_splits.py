@@ -28,24 +28,24 @@ def voc_root(tmp_path_factory):
 
 
 def _cfg(root, *extra):
-    return compose_cfg(["dataset=voc", f"dataset.root={root}", *extra])
+    return compose_cfg(["experiment=none", "dataset=voc", f"dataset.root={root}", *extra])
 
 
 @pytest.mark.parametrize("split, published", [("'1_16'", 662), ("'1_8'", 1323), ("'1_4'", 2645), ("full", 10582)])
 def test_published_voc_counts_on_the_complete_pool(split, published):
-    assert labeled_count(compose_cfg(["dataset=voc", f"split={split}"]), 10582) == published
+    assert labeled_count(compose_cfg(["experiment=none", "dataset=voc", f"split={split}"]), 10582) == published
     # VOC classic: the fraction of the 1,464 fine images (all of them with split=full)
-    classic = compose_cfg(["dataset=voc", "dataset.protocol=classic", f"split={split}"])
+    classic = compose_cfg(["experiment=none", "dataset=voc", "dataset.protocol=classic", f"split={split}"])
     assert labeled_count(classic, 1464) == {662: 92, 1323: 183, 2645: 366, 10582: 1464}[published]
 
 
 @pytest.mark.parametrize("split, published", [("'1_8'", 372), ("'1_4'", 744), ("full", 2975)])
 def test_published_cityscapes_counts(split, published):
-    assert labeled_count(compose_cfg(["dataset=cityscapes", f"split={split}"]), 2975) == published
+    assert labeled_count(compose_cfg(["experiment=none", "dataset=cityscapes", f"split={split}"]), 2975) == published
 
 
 def test_incomplete_pool_falls_back_to_the_fraction():
-    assert labeled_count(compose_cfg(["dataset=voc", "split='1_8'"]), 16) == 2
+    assert labeled_count(compose_cfg(["experiment=none", "dataset=voc", "split='1_8'"]), 16) == 2
 
 
 def test_generation_is_deterministic_per_seed_and_index():
@@ -140,7 +140,7 @@ def test_cityscapes_lists_by_path_or_id_and_no_fine_count(tmp_path):
     paths.write_text(
         f"leftImg8bit/train/aachen/{names[1]}_leftImg8bit.png gtFine/train/aachen/{names[1]}_gtFine_labelTrainIds.png\n"
         f"{names[3]}\n")
-    cfg = compose_cfg(["dataset=cityscapes", f"dataset.root={root}", f"split.labeled_list={paths}"])
+    cfg = compose_cfg(["experiment=none", "dataset=cityscapes", f"dataset.root={root}", f"split.labeled_list={paths}"])
     data = build_data(cfg)
     assert data.labeled.tolist() == [1, 3]
     m = split_manifest(cfg, data)

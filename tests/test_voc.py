@@ -22,7 +22,7 @@ def voc_root(tmp_path):
 
 
 def _voc_cfg(root, *extra):
-    return compose_cfg(["dataset=voc", f"dataset.root={root}", *extra])
+    return compose_cfg(["experiment=none", "dataset=voc", f"dataset.root={root}", *extra])
 
 
 def test_aug_protocol_counts_labels_and_fine_set(voc_root):
@@ -131,5 +131,5 @@ def test_protocol_is_a_voc_option_only():
     from dcc.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match="dataset.protocol=classic only exists for dataset=voc"):
-        validate(compose_cfg(["dataset=cityscapes", "dataset.protocol=classic"]))
-    validate(compose_cfg(["dataset=voc", "dataset.protocol=classic"]))
+        validate(compose_cfg(["experiment=none", "dataset=cityscapes", "dataset.protocol=classic"]))
+    validate(compose_cfg(["experiment=none", "dataset=voc", "dataset.protocol=classic"]))

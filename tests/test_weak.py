@@ -72,7 +72,7 @@ def test_voc_image_labels_from_xml_annotations(voc_root):
 
 
 def test_classic_protocol_unlabeled_images_get_image_labels_in_their_batches(voc_root):
-    cfg = compose_cfg(["dataset=voc", f"dataset.root={voc_root}", "dataset.protocol=classic", "split=full",
+    cfg = compose_cfg(["experiment=none", "dataset=voc", f"dataset.root={voc_root}", "dataset.protocol=classic", "split=full",
                        "loss=weakly"] + TINY_REAL)
     validate(cfg)
     data = build_data(cfg)
@@ -141,7 +141,7 @@ def test_config_rejects_weak_without_image_labels_or_on_cityscapes(tiny_override
     with pytest.raises(ConfigError, match="dataset.image_labels=true"):
         validate(compose_cfg(tiny_overrides + ["loss=weakly", "dataset.image_labels=false"]))
     with pytest.raises(ConfigError, match="cityscapes has no image-level labels"):
-        validate(compose_cfg(["dataset=cityscapes", "loss=weakly"]))
+        validate(compose_cfg(["experiment=none", "dataset=cityscapes", "loss=weakly"]))
     with pytest.raises(ConfigError, match="xml"):
         validate(compose_cfg(tiny_overrides + ["loss=weakly", "dataset.image_label_source=xml"]))
     with pytest.raises(ConfigError, match="loss.method=cac"):
