@@ -64,8 +64,8 @@ class Trainer:
         self.model = build_model(cfg).train()
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.branch = ConsistencyBranch(cfg.loss, shared_bn=bool(shared_bn))
-        self.lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=0, device=device))
-        self.unl = iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=0, device=device))
+        self.lab = iter(labeled_loader(cfg.dataset, cfg.trainer, data.train, data.labeled, start_step=0, device=device))
+        self.unl = iter(unlabeled_loader(cfg.dataset, cfg.trainer, data.train, data.unlabeled, stride=cfg.segnet.consistency_stride, context=cfg.loss.context, start_step=0, device=device))
         self.times: dict[str, list[float]] = {k: [] for k in (*PHASES, "cpu")}
 
     def step(self, record: bool = True) -> None:
@@ -129,8 +129,8 @@ def throughput(args: argparse.Namespace, cfg, data: DataBundle) -> None:
     print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}, "
           f"batch {cfg.trainer.batch_size}+{cfg.trainer.unlabeled_batch_size}, crop {cfg.dataset.crop_size}, "
           f"backbone {cfg.backbone.name}, segnet {cfg.segnet.name}")
-    lab = list(itertools.islice(labeled_loader(cfg, data.train, data.labeled, start_step=0, device=device), args.batches))
-    unl = list(itertools.islice(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=0, device=device), args.batches))
+    lab = list(itertools.islice(labeled_loader(cfg.dataset, cfg.trainer, data.train, data.labeled, start_step=0, device=device), args.batches))
+    unl = list(itertools.islice(unlabeled_loader(cfg.dataset, cfg.trainer, data.train, data.unlabeled, stride=cfg.segnet.consistency_stride, context=cfg.loss.context, start_step=0, device=device), args.batches))
     lab = [(x.to(device), y.to(device)) for x, y in lab]
     unl = [{k: v.to(device) for k, v in b.items()} for b in unl]
     per_step_images = cfg.trainer.batch_size, cfg.trainer.batch_size + 2 * cfg.trainer.unlabeled_batch_size

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dcc.config import TrainerConfig
+
 log = logging.getLogger(__name__)
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -87,9 +89,9 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or _slurm_tasks() > 1
 
 
-def requested(cfg: Any) -> int:
+def requested(trainer: TrainerConfig) -> int:
     """Number of processes the config asks for: ``trainer.devices x trainer.nodes``."""
-    return int(cfg.trainer.devices) * int(cfg.trainer.nodes)
+    return int(trainer.devices) * int(trainer.nodes)
 
 
 def _export_slurm_env() -> None:
@@ -101,23 +103,23 @@ def _export_slurm_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
-def _backend(cfg: Any, device: torch.device) -> str:
-    name = str(getattr(cfg.trainer.dist_backend, "name", cfg.trainer.dist_backend))
+def _backend(trainer: TrainerConfig, device: torch.device) -> str:
+    name = str(getattr(trainer.dist_backend, "name", trainer.dist_backend))
     if name == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     return name
 
 
 @contextlib.contextmanager
-def process_group(cfg: Any, resolve_device: Callable[[str], torch.device]) -> Iterator[torch.device]:
+def process_group(trainer: TrainerConfig, resolve_device: Callable[[str], torch.device]) -> Iterator[torch.device]:
     """Join the process group this process was started in (if any) and yield its device.
 
     ``cuda`` / ``auto`` become ``cuda:LOCAL_RANK``. On CPU the torch threads are split between the
     processes of this machine unless ``trainer.threads`` is set.
     """
-    device = resolve_device(cfg.trainer.device)
+    device = resolve_device(trainer.device)
     if not launched():
-        if requested(cfg) > 1:
+        if requested(trainer) > 1:
             raise RuntimeError("trainer.devices x trainer.nodes > 1 but this process was not started as one of "
                                "several (no WORLD_SIZE / SLURM tasks): use run.py, torchrun or hydra/launcher=slurm")
         yield device
@@ -125,16 +127,16 @@ def process_group(cfg: Any, resolve_device: Callable[[str], torch.device]) -> It
     if _slurm_tasks() > 1:
         _export_slurm_env()
     world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if world != requested(cfg):
-        raise RuntimeError(f"{world} processes were started but trainer.devices={cfg.trainer.devices} x "
-                           f"trainer.nodes={cfg.trainer.nodes} = {requested(cfg)}: set them to match the launcher")
+    if world != requested(trainer):
+        raise RuntimeError(f"{world} processes were started but trainer.devices={trainer.devices} x "
+                           f"trainer.nodes={trainer.nodes} = {requested(trainer)}: set them to match the launcher")
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    elif cfg.trainer.threads is None:
+    elif trainer.threads is None:
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))
-    backend = _backend(cfg, device)
+    backend = _backend(trainer, device)
     dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world)
     log.info("rank %d of %d (%s, %s)", rank(), world, backend, device)
     try:

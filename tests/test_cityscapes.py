@@ -40,7 +40,7 @@ def test_counts_order_and_label_mapping(tmp_path):
 
 def test_missing_directories_and_labels_are_named(tmp_path):
     with pytest.raises(LayoutError, match=r"(?s)missing .*nowhere/leftImg8bit/train.*gtFine/\{train,val\}.*DCC_CITYSCAPES_ROOT"):
-        load_sources(compose_cfg(["experiment=none", "dataset=cityscapes", f"dataset.root={tmp_path / 'nowhere'}"]))
+        load_sources(compose_cfg(["experiment=none", "dataset=cityscapes", f"dataset.root={tmp_path / 'nowhere'}"]).dataset)
     root = make_cityscapes(tmp_path / "cs")
     name = city_names("val")[1]
     (root / "gtFine/val/frankfurt" / f"{name}_gtFine_labelIds.png").unlink()

@@ -127,7 +127,7 @@ def test_two_processes_take_the_single_process_supervised_step(tiny_overrides, t
     over = _step_overrides(tiny_overrides, "suponly", 1)
     single, double = compose_cfg(over), compose_cfg(over + ["trainer.devices=2"])
     data = build_data(single)
-    batch = next(iter(labeled_loader(single, data.train, data.labeled, start_step=0, device=torch.device("cpu"))))[1]
+    batch = next(iter(labeled_loader(single.dataset, single.trainer, data.train, data.labeled, start_step=0, device=torch.device("cpu"))))[1]
     valid = (batch != 255).flatten(1).sum(1)
     assert valid[:2].sum() != valid[2:].sum(), "the test needs halves with different numbers of valid pixels"
     for d in ("one", "two", "rec1", "rec2"):

@@ -99,9 +99,9 @@ def test_whole_pads_to_the_stride_multiple_and_slide_feeds_full_windows():
 
 
 def test_eval_group_options():
-    assert eval_options(compose_cfg([])) == {"mode": "whole", "pad_multiple": 8, "crop_size": 512, "stride": 341}
+    assert eval_options(compose_cfg([]).eval) == {"mode": "whole", "pad_multiple": 8, "crop_size": 512, "stride": 341}
     cfg = compose_cfg(["eval=slide", "eval.crop_size=320", "eval.stride=160"])
-    assert eval_options(cfg) == {"mode": "slide", "pad_multiple": 8, "crop_size": 320, "stride": 160}
+    assert eval_options(cfg.eval) == {"mode": "slide", "pad_multiple": 8, "crop_size": 320, "stride": 160}
 
 
 def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:

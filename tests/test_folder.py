@@ -127,10 +127,10 @@ def test_palette_file_colours_predictions(folder_root, tmp_path):
     from dcc.engine.visualize import dataset_palette, palette
 
     assert read_palette(folder_root).tolist() == [list(c) for c in FOLDER_PALETTE]
-    pal = dataset_palette(_cfg(folder_root))
+    pal = dataset_palette(_cfg(folder_root).dataset)
     assert pal[:4].tolist() == [list(c) for c in FOLDER_PALETTE] and np.array_equal(pal[4:], palette()[4:])
     (folder_root / "palette.txt").unlink()
-    assert np.array_equal(dataset_palette(_cfg(folder_root)), palette())
+    assert np.array_equal(dataset_palette(_cfg(folder_root).dataset), palette())
 
 
 @pytest.mark.slow

@@ -273,8 +273,9 @@ def _pretrain_params(tmp_path):
     from dcc.data.digits_pretrain import pretrain_params
 
     over = [o for o in TINY if not o.startswith("dataset.scenes.pretrain.steps")]
-    return pretrain_params(compose_cfg(over + ["dataset.scenes.pretrain.steps=5", "dataset.scenes.pretrain.num_images=16",
-                                               "dataset.scenes.pretrain.batch_size=4", f"dataset.root={tmp_path}"]))
+    cfg = compose_cfg(over + ["dataset.scenes.pretrain.steps=5", "dataset.scenes.pretrain.num_images=16",
+                              "dataset.scenes.pretrain.batch_size=4", f"dataset.root={tmp_path}"])
+    return pretrain_params(cfg.dataset, cfg.backbone)
 
 
 def test_a_killed_pretraining_continues_to_the_same_weights(tmp_path, monkeypatch, capsys):

@@ -64,3 +64,21 @@ def test_sigterm_mid_run_checkpoints_then_requeue_resumes_the_same_run(tiny_over
     assert done.info.run_id == killed.info.run_id and done.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(done.info.run_id, "train/loss_ce")]
     assert steps == [1, 2, 3, 4, 5, 6]  # no gap, no duplicate
+
+
+def test_fit_under_restart_refuses_the_checkpoint_it_would_overwrite(tiny_overrides, tmp_path):
+    """A restart is the job's (dcc.engine.resume sets the old run aside first); a direct caller of fit() that leaves a
+    last.pt in place gets one message, and the checkpoint is untouched."""
+    import torch
+
+    from dcc.data.build import build_data
+    from dcc.engine.tracking import NullTracker
+    from dcc.engine.trainer import fit
+
+    cfg = compose_cfg(tiny_overrides + ["trainer.resume=restart", "trainer.max_steps=1"])
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "last.pt").write_bytes(b"an earlier run")
+    with pytest.raises(checkpoint.CheckpointError, match=r"trainer.resume=restart with .*last.pt present"):
+        fit(cfg, build_data(cfg), torch.device("cpu"), NullTracker(), state)
+    assert (state / "last.pt").read_bytes() == b"an earlier run"

@@ -3,7 +3,6 @@ labeled subset with the training seed while every arm of a comparison sees the s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +231,7 @@ def test_the_unlabeled_views_augmentation_reaches_the_pseudo_labeled_images(tiny
     source = ArraySource(flat, np.zeros((8, 32, 32), dtype=np.uint8))
 
     def batch(aug: bool) -> torch.Tensor:
-        loader = labeled_loader(cfg, source, np.arange(8), start_step=0, device=torch.device("cpu"), stream="pseudo",
+        loader = labeled_loader(cfg.dataset, cfg.trainer, source, np.arange(8), start_step=0, device=torch.device("cpu"), stream="pseudo",
                                 batch_size=8, unlabeled_aug=aug)
         return next(iter(loader))[0]
 

@@ -263,11 +263,11 @@ def test_corrupt_dataset_cache_is_named_and_regenerated(tiny_overrides, tmp_path
     from dcc.data.build import load_sources
 
     cfg = compose_cfg(tiny_overrides[:-3] + [f"dataset.root={tmp_path}"])
-    train, _ = load_sources(cfg)
+    train, _ = load_sources(cfg.dataset)
     (cache,) = (tmp_path / "digits").glob("*.npz")
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # a truncated write
     capsys.readouterr()
-    again, _ = load_sources(cfg)
+    again, _ = load_sources(cfg.dataset)
     assert f"cache file {cache} is damaged" in capsys.readouterr().out
     assert all(np.array_equal(train.load(i)[0], again.load(i)[0]) for i in range(len(train)))
     assert read_npz(cache) is not None  # rewritten whole

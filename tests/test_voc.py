@@ -75,7 +75,7 @@ def test_train_aug_list_file_in_both_formats(tmp_path, fmt):
 
 def test_missing_root_names_layout_and_first_missing_path(tmp_path):
     with pytest.raises(LayoutError) as err:
-        load_sources(_voc_cfg(tmp_path / "nowhere"))
+        load_sources(_voc_cfg(tmp_path / "nowhere").dataset)
     msg = str(err.value)
     assert "missing " + str(tmp_path / "nowhere" / "VOCdevkit" / "VOC2012") in msg
     assert "SegmentationClassAug/<id>.png" in msg and "DCC_VOC_ROOT" in msg

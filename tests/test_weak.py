@@ -79,7 +79,8 @@ def test_classic_protocol_unlabeled_images_get_image_labels_in_their_batches(voc
     assert data.image_labels is not None and data.image_labels.shape == (len(data.train), 20)
     # the 8 SBD-only images are unlabeled under classic, yet their image labels come from SegmentationClassAug
     assert len(data.unlabeled) == len(VOC_EXTRA)
-    batch = next(iter(unlabeled_loader(cfg, data.train, data.unlabeled, start_step=0, device=torch.device("cpu"),
+    batch = next(iter(unlabeled_loader(cfg.dataset, cfg.trainer, data.train, data.unlabeled, stride=cfg.segnet.consistency_stride,
+                                       context=cfg.loss.context, start_step=0, device=torch.device("cpu"),
                                        image_labels=data.image_labels)))
     order = VOC_FINE + VOC_EXTRA
     for index, row in zip(batch["index"].tolist(), batch["image_labels"]):

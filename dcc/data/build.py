@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dcc import distributed as ddp
-from dcc.config import DatasetName, VocProtocol, choice
+from dcc.config import DatasetConfig, DatasetName, TrainerConfig, VocProtocol, choice
 from dcc.data.datasets import ArraySource, LabeledDataset, UnlabeledPairDataset
 from dcc.data.digits import load_digit_scenes
 from dcc.data.files import DataError
@@ -42,16 +42,15 @@ class DataBundle:
     test: Any = None
 
 
-def load_sources(cfg: Any) -> tuple[Any, Any]:
+def load_sources(ds: DatasetConfig) -> tuple[Any, Any]:
     """(train, val) sources of ``dataset.name``; a missing or incomplete root fails here, naming the layout."""
-    train, val, _ = load_all_sources(cfg)
+    train, val, _ = load_all_sources(ds)
     return train, val
 
 
-def load_all_sources(cfg: Any) -> tuple[Any, Any, Any]:
+def load_all_sources(ds: DatasetConfig) -> tuple[Any, Any, Any]:
     """(train, val, test) sources of ``dataset.name``; test is None where the dataset has no test split with labels
     (VOC, Cityscapes: their test labels are not public; folder without images/test)."""
-    ds = cfg.dataset
     name = choice(ds.name, DatasetName)
     if name is DatasetName.digits:
         sc = ds.scenes
@@ -92,7 +91,7 @@ def load_all_sources(cfg: Any) -> tuple[Any, Any, Any]:
 def build_data(cfg: Any) -> DataBundle:
     """Sources, the split (``split.labeled_list`` or generated from ``split.seed`` / ``split.index``) and,
     with ``dataset.image_labels=true``, the image-level labels of the training images."""
-    train, val, test = load_all_sources(cfg)
+    train, val, test = load_all_sources(cfg.dataset)
     problems = [p for source in (train, val, test) for p in getattr(source, "layout_problems", [])]
     if problems:  # e.g. a mask without its image (dataset=folder): a labeled image would silently go unlabeled
         raise DataError(f"{len(problems)} dataset layout problems, the first: {problems[0]} "
@@ -172,15 +171,14 @@ class SeededItems(Dataset):
             return self.dataset[index]
 
 
-def _sampler(dataset: Dataset, cfg: Any, stream: str, start_step: int, batch: int) -> StepSampler:
+def _sampler(dataset: Dataset, seed: int, stream: str, start_step: int, batch: int) -> StepSampler:
     """The stream of total batch ``batch`` from step ``start_step``: this rank's share under torch.distributed."""
-    return StepSampler(len(dataset), seed=cfg.trainer.seed, stream=stream, start=start_step * batch,  # type: ignore[arg-type]
+    return StepSampler(len(dataset), seed=seed, stream=stream, start=start_step * batch,  # type: ignore[arg-type]
                        batch=batch, part=(ddp.rank(), ddp.world_size()))
 
 
-def _loader(dataset: Dataset, batch_size: int, sampler: StepSampler, cfg: Any, device: torch.device) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int, sampler: StepSampler, workers: int, device: torch.device) -> DataLoader:
     """Batches of this rank's share of ``batch_size`` (the total over ranks)."""
-    workers = cfg.trainer.num_workers
     return DataLoader(
         SeededItems(dataset),
         batch_size=ddp.share(batch_size, "batch size"),
@@ -194,13 +192,12 @@ def _loader(dataset: Dataset, batch_size: int, sampler: StepSampler, cfg: Any, d
 
 
 def labeled_loader(
-    cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device, stream: str = "labeled",
-    batch_size: int | None = None, unlabeled_aug: bool = False,
+    ds: DatasetConfig, trainer: TrainerConfig, source: Any, indices: np.ndarray, *, start_step: int,
+    device: torch.device, stream: str = "labeled", batch_size: int | None = None, unlabeled_aug: bool = False,
 ) -> DataLoader:
     """Labeled training batches; ``unlabeled_aug``: the photometric augmentation of CAC's unlabeled views
     (``dataset.unlabeled_color_jitter_p`` / ``unlabeled_grayscale_p`` / ``unlabeled_blur_p``) instead of the labeled
     images' (self-training's pseudo-labeled images with ``loss.st_unlabeled_aug``)."""
-    ds = cfg.dataset
     photometric = (
         dict(color_jitter_p=ds.unlabeled_color_jitter_p, grayscale_p=ds.unlabeled_grayscale_p,
              blur_p=ds.unlabeled_blur_p, blur_kernel=ds.blur_kernel)
@@ -219,24 +216,27 @@ def labeled_loader(
         ignore_index=ds.ignore_index,
         **photometric,
     )
-    batch = batch_size or cfg.trainer.batch_size
-    return _loader(dataset, batch, _sampler(dataset, cfg, stream, start_step, batch), cfg, device)
+    batch = batch_size or trainer.batch_size
+    return _loader(dataset, batch, _sampler(dataset, trainer.seed, stream, start_step, batch), trainer.num_workers,
+                   device)
 
 
 def unlabeled_loader(
-    cfg: Any, source: Any, indices: np.ndarray, *, start_step: int, device: torch.device,
-    image_labels: np.ndarray | None = None, with_masks: bool = False,
+    ds: DatasetConfig, trainer: TrainerConfig, source: Any, indices: np.ndarray, *, stride: int, context: bool,
+    start_step: int, device: torch.device, image_labels: np.ndarray | None = None, with_masks: bool = False,
 ) -> DataLoader:
-    ds = cfg.dataset
+    """Pairs of overlapping crops of unlabeled images (CAC's two views); ``stride``: the consistency features'
+    output stride (``segnet.consistency_stride``), on whose grid the crops are aligned; ``context``: the crops'
+    context differs (``loss.context``), else both views are the overlap itself."""
     dataset = UnlabeledPairDataset(
         source,
         indices.tolist(),
         crop_size=ds.crop_size,
         base_size=ds.base_size,
         scale_range=tuple(ds.unlabeled_scale),
-        stride=cfg.segnet.consistency_stride,
+        stride=stride,
         iou_range=tuple(ds.iou_range),
-        context=cfg.loss.context,
+        context=context,
         mean=list(ds.mean),
         std=list(ds.std),
         flip=ds.flip,
@@ -248,8 +248,9 @@ def unlabeled_loader(
         with_masks=with_masks,
         ignore_index=ds.ignore_index,
     )
-    batch = cfg.trainer.unlabeled_batch_size
-    return _loader(dataset, batch, _sampler(dataset, cfg, "unlabeled", start_step, batch), cfg, device)
+    batch = trainer.unlabeled_batch_size
+    return _loader(dataset, batch, _sampler(dataset, trainer.seed, "unlabeled", start_step, batch),
+                   trainer.num_workers, device)
 
 
 def shard(num_items: int) -> list[int]:
@@ -258,10 +259,10 @@ def shard(num_items: int) -> list[int]:
     return ddp.rank_items(num_items)
 
 
-def eval_loader(cfg: Any, source: Any, device: torch.device, *, sharded: bool = True) -> DataLoader:
+def eval_loader(ds: DatasetConfig, trainer: TrainerConfig, source: Any, device: torch.device, *,
+                sharded: bool = True) -> DataLoader:
     """Native-resolution images in order. Under DDP each rank gets a disjoint shard (see :func:`shard`) unless
     ``sharded=False`` (every rank needs every item, e.g. to pseudo-label the whole unlabeled set)."""
-    ds = cfg.dataset
     dataset = LabeledDataset(
         source,
         shard(len(source)) if sharded else list(range(len(source))),
@@ -273,8 +274,8 @@ def eval_loader(cfg: Any, source: Any, device: torch.device, *, sharded: bool = 
         std=list(ds.std),
         ignore_index=ds.ignore_index,
     )
-    workers = min(cfg.trainer.num_workers, 4)
+    workers = min(trainer.num_workers, 4)
     return DataLoader(
-        dataset, batch_size=cfg.trainer.eval_batch_size, shuffle=False, num_workers=workers,
+        dataset, batch_size=trainer.eval_batch_size, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
     )

@@ -88,7 +88,7 @@ def check_dataset(cfg: Any, *, workers: int = 1, progress: bool = False) -> tupl
     from dcc.data.splits import choose_split
 
     try:
-        train, val = load_sources(cfg)
+        train, val = load_sources(cfg.dataset)
     except DataError as exc:
         return [], [str(exc)], []
     reports = [check_source("train", train, workers=workers, progress=progress),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcc.config import plain
+from dcc.config import BackboneConfig, DatasetConfig, plain
 from dcc.data.digits import cache_path, digit_pools, load_mnist, render_scenes
 from dcc.locks import file_lock
 
@@ -42,20 +42,20 @@ _TEST_IMAGES = 1000
 _PARTIAL_EVERY = 50  # steps between saves of an unfinished pretraining (a killed run continues from there)
 
 
-def pretrain_params(cfg: Any) -> dict[str, Any]:
-    """Everything the cached weights depend on, from a run config."""
-    pc, sc, bb = cfg.dataset.scenes.pretrain, cfg.dataset.scenes, cfg.backbone
+def pretrain_params(ds: DatasetConfig, bb: BackboneConfig) -> dict[str, Any]:
+    """Everything the cached weights depend on: the digits' pretraining recipe and the backbone."""
+    pc, sc = ds.scenes.pretrain, ds.scenes
     return {
         "backbone": str(bb.name), "kwargs": {str(k): v for k, v in plain(bb.kwargs).items() if k not in _FEATURE_KWARGS},
         "steps": int(pc.steps), "batch_size": int(pc.batch_size), "lr": float(pc.lr),
         "num_images": int(pc.num_images), "image_size": int(pc.image_size),
         "digit_size": [int(v) for v in pc.digit_size], "stroke": int(sc.stroke), "seed": int(sc.seed),
-        "mean": [float(v) for v in cfg.dataset.mean], "std": [float(v) for v in cfg.dataset.std],
+        "mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std],
     }
 
 
-def weights_path(cfg: Any) -> Path:
-    return cache_path(Path(cfg.dataset.root).expanduser() / "digits", "pretrained_backbone", pretrain_params(cfg), ".pt")
+def weights_path(ds: DatasetConfig, bb: BackboneConfig) -> Path:
+    return cache_path(Path(ds.root).expanduser() / "digits", "pretrained_backbone", pretrain_params(ds, bb), ".pt")
 
 
 def _render(rng: np.random.Generator, pool: np.ndarray, count: int, p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,19 +157,18 @@ def pretrain(p: dict[str, Any], partial: Path | None = None) -> tuple[dict[str, 
     return model.state_dict(), {"accuracy": accuracy, "seconds": spent + time.perf_counter() - start}
 
 
-def ensure_pretrained_backbone(cfg: Any, *, force: bool = False) -> Path:
-    """The cached weights file for ``cfg``, trained first if missing (or if ``force``)."""
-    path = weights_path(cfg)
+def ensure_pretrained_backbone(ds: DatasetConfig, bb: BackboneConfig, *, force: bool = False) -> Path:
+    """The cached weights file of this backbone on these digits, trained first if missing (or if ``force``)."""
+    path = weights_path(ds, bb)
     if path.exists() and not force:
         return path
     with file_lock(path.with_suffix(".lock")):  # several processes of one run, or parallel sweep jobs: one builds
         if path.exists() and not force:
             return path
-        return _build(cfg, path)
+        return _build(pretrain_params(ds, bb), path)
 
 
-def _build(cfg: Any, path: Path) -> Path:
-    p = pretrain_params(cfg)
+def _build(p: dict[str, Any], path: Path) -> Path:
     print(f"pretraining {p['backbone']} on digit classification, once for this backbone ({p['steps']} steps, "
           f"pretraining pool only; cached in {path}; a killed run continues it). Shorter: "
           f"dataset.scenes.pretrain.steps=N; none: dataset.scenes.pretrain.steps=0 (random init) or "
@@ -185,18 +184,18 @@ def _build(cfg: Any, path: Path) -> Path:
     return path
 
 
-def pretrained_info(cfg: Any) -> dict[str, Any] | None:
+def pretrained_info(ds: DatasetConfig, bb: BackboneConfig) -> dict[str, Any] | None:
     """Accuracy and time recorded when the cached weights were built (None when not built)."""
-    meta = weights_path(cfg).with_suffix(".json")
+    meta = weights_path(ds, bb).with_suffix(".json")
     return json.loads(meta.read_text()) if meta.exists() else None
 
 
-def embedded_backbone_weights(cfg: Any) -> str | None:
+def embedded_backbone_weights(ds: DatasetConfig, bb: BackboneConfig) -> str | None:
     """``backbone.weights`` for this run: the user's file if given, else (embedded dataset with
     ``dataset.scenes.pretrain.steps > 0``) the cached digit-pretrained backbone, built on first use."""
-    if cfg.backbone.weights or str(cfg.dataset.name) != "digits" or cfg.dataset.scenes.pretrain.steps <= 0:
-        return cfg.backbone.weights
-    return str(ensure_pretrained_backbone(cfg))
+    if bb.weights or str(ds.name) != "digits" or ds.scenes.pretrain.steps <= 0:
+        return bb.weights
+    return str(ensure_pretrained_backbone(ds, bb))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=quote_split_overrides([a for a in args if a != "--force"]))
-    path = ensure_pretrained_backbone(cfg, force=force)
-    info = pretrained_info(cfg) or {}
+    path = ensure_pretrained_backbone(cfg.dataset, cfg.backbone, force=force)
+    info = pretrained_info(cfg.dataset, cfg.backbone) or {}
     print(f"{path}\nheld-out accuracy {100 * info.get('accuracy', math.nan):.1f}%, built in {info.get('seconds', math.nan):.0f} s")
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcc import distributed as ddp
+from dcc.config import EvalConfig
 from dcc.engine.metrics import confusion_matrix, mean_average_precision, present_classes, scores
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -69,9 +70,8 @@ def predict_slide(model: Model, image: torch.Tensor, crop_size: int, stride: int
     return (total / count)[..., :h, :w]
 
 
-def eval_options(cfg: Any) -> dict[str, Any]:
+def eval_options(ev: EvalConfig) -> dict[str, Any]:
     """Keyword arguments of :func:`evaluate` from the ``eval`` config group."""
-    ev = cfg.eval
     return {"mode": str(ev.mode), "pad_multiple": int(ev.pad_multiple), "crop_size": int(ev.crop_size),
             "stride": int(ev.stride)}
 

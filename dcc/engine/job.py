@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from dcc import distributed as ddp
 from dcc.engine import preflight, resume
 from dcc.config import CheckpointLog, ConfigError, Method, choice, validate
-from dcc.engine.tracking import (TrackingLost, open_client, PARENT_RUN_ENV, PARENT_TAG, NullTracker, flatten, git_commit, logging_off,
-                          make_tracker, tracking_uri)
+from dcc.engine.tracking import (PARENT_RUN_ENV, PARENT_TAG, NullTracker, TrackingLost, flatten, git_commit,
+                                 logging_off, make_tracker, open_client, tracking_uri)
 
 from dcc.engine.metrics import percent
 from dcc.engine.naming import plain_config, run_dir_for, run_name
@@ -67,13 +67,13 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
         return 0.0
 
     preflight.check(cfg, launch_dir, run_dir_for(cfg, launch_dir))
-    if ddp.requested(cfg) > 1 and not ddp.launched():
+    if ddp.requested(cfg.trainer) > 1 and not ddp.launched():
         if cfg.trainer.nodes > 1:
             raise ConfigError(f"trainer.nodes={cfg.trainer.nodes} needs a launcher that starts the processes on every "
                               "machine: hydra/launcher=slurm, or torchrun on each node")
         from dcc.data.build import load_sources
 
-        load_sources(cfg)  # the dataset layout, checked here once rather than in every process
+        load_sources(cfg.dataset)  # the dataset layout, checked here once rather than in every process
         # One machine, no launcher: start trainer.devices processes, each of which runs this function.
         try:
             return ddp.spawn(run, cfg, launch_dir, nprocs=cfg.trainer.devices)
@@ -84,17 +84,17 @@ def run(cfg: DictConfig, launch_dir: Path | None = None) -> float:
             raise
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    with ddp.process_group(cfg, ddp.resolve_device) as device:
+    with ddp.process_group(cfg.trainer, ddp.resolve_device) as device:
         return _train(cfg, launch_dir, device)
 
 
 def _adopt(cfg: DictConfig, launch_dir: Path, run_id: str | None) -> None:
     """A finished run met again inside a sweep joins that sweep's parent run (so its table is complete)."""
     parent = os.environ.get(PARENT_RUN_ENV)
-    if not parent or not run_id or logging_off(cfg):
+    if not parent or not run_id or logging_off(cfg.logger):
         return
     try:
-        open_client(tracking_uri(cfg, launch_dir)).set_tag(run_id, PARENT_TAG, parent)
+        open_client(tracking_uri(cfg.logger, launch_dir)).set_tag(run_id, PARENT_TAG, parent)
     except Exception as exc:  # noqa: BLE001 - grouping is a convenience
         log.warning("could not add the finished run %s to this sweep (%s)", run_id, exc)
 
@@ -118,7 +118,8 @@ def _drop_if_empty(run_dir: Path, created: bool) -> None:
 
 
 def _log_checkpoint(cfg: DictConfig, tracker: Any, run_dir: Path, model: torch.nn.Module) -> None:
-    """``logger.log_checkpoint``: off, weights (the model's state dict, ``checkpoint/model.pt``) or full (``last.pt``)."""
+    """``logger.log_checkpoint``: off, weights (the model's state dict, ``checkpoint/model.pt``) or full
+    (``last.pt``)."""
     what = choice(cfg.logger.log_checkpoint, CheckpointLog)
     if what is CheckpointLog.full:
         tracker.log_artifact(run_dir / "last.pt", "checkpoint")
@@ -147,7 +148,7 @@ def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
     # a run killed during it leaves no MLflow run RUNNING.
     from dcc.data.digits_pretrain import embedded_backbone_weights
 
-    weights = embedded_backbone_weights(cfg)  # resolved once: the trainer gets the file, not the recipe
+    weights = embedded_backbone_weights(cfg.dataset, cfg.backbone)  # once: the trainer gets the file, not the recipe
     run_dir = run_dir_for(cfg, launch_dir)
     with contextlib.ExitStack() as stack:
         busy = None
@@ -163,56 +164,15 @@ def _train(cfg: DictConfig, launch_dir: Path, device: torch.device) -> float:
 
 def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any, run_dir: Path,
               weights: str | None) -> float:
-    from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
-    from dcc.engine.selftrain import self_train
-    from dcc.engine.trainer import fit
+    """The run's life in its (held) directory: decide, then report a finished run or train and record the result."""
+    decision = _decide(run_dir, resume.resume_mode(cfg.trainer))
+    if decision.action == "finished":
+        return _report_finished(cfg, launch_dir, decision)
+    tracker, created = _open_run(cfg, launch_dir, data, run_dir, resumed=decision.action == "resume")
     from dcc.engine.trial_link import TrialPruned
 
-    decision = resume.decide(run_dir, resume.resume_mode(cfg))
-    ddp.barrier()  # every rank has looked before rank 0 moves anything
-    if ddp.is_main():
-        resume.apply(run_dir, decision)
-        if decision.message:
-            print(decision.message, flush=True)
-    ddp.barrier()
-    if decision.action == "finished":
-        assert decision.result is not None
-        if ddp.is_main():
-            print(f"test mIoU: {_test_text(decision.result.get('test_miou', _NOT_MEASURED))}", flush=True)
-            if ddp.world_size() > 1:
-                print(f"(the run directory does not depend on the number of processes: {ddp.world_size()} processes "
-                      "compute what one computes (docs/several-gpus.md), so this finished run is this config's "
-                      "result; trainer.resume=restart trains it again)", flush=True)
-            _adopt(cfg, launch_dir, decision.result.get("mlflow_run_id"))
-        return percent(float(decision.result["final_miou"]))  # the job's value (Optuna's objective): in %
-
-    tracker = make_tracker(cfg, launch_dir) if ddp.is_main() else NullTracker()  # only rank 0 talks to MLflow
-    id_file = run_dir / "mlflow_run_id"
-    previous = id_file.read_text().strip() if decision.action == "resume" and id_file.exists() else None
-    manifest = split_manifest(cfg, data)
-    tracker.start(
-        run_id=previous, run_name=run_name(cfg), params=flatten(plain_config(cfg)) | manifest_params(manifest),
-        tags=_tags(cfg, launch_dir), config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-    )
-    created = not run_dir.exists()
     try:
-        if ddp.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-        ddp.barrier()
-        if tracker.run_id:
-            id_file.write_text(tracker.run_id)
-            if previous is None:
-                for path in write_split_manifest(manifest, run_dir / "split"):
-                    tracker.log_artifact(path, "split")
-        log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images, %s",
-                 run_dir, len(data.labeled), len(data.unlabeled), len(data.val),
-                 "no test split" if data.test is None else f"{len(data.test)} test images (evaluated once, at the end)")
-        if choice(cfg.loss.method, Method) is Method.st:
-            result = self_train(cfg, data, device, tracker, run_dir, backbone_weights=weights)
-        else:
-            result = fit(cfg, data, device, tracker, run_dir, backbone_weights=weights)
-        if ddp.is_main():
-            _log_checkpoint(cfg, tracker, run_dir, result.model)
+        result = _fit(cfg, data, device, tracker, run_dir, weights)
     except TrialPruned as pruned:  # the Optuna study stopped this trial: a clean end, its checkpoint kept
         tracker.set_tags({"pruned": "true", "pruned_at_step": str(pruned.step), "steps_trained": str(pruned.stopped)})
         tracker.finish("KILLED")  # like a preempted run: not in the tables; the same command continues it
@@ -228,11 +188,89 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
         tracker.finish("FAILED")
         _drop_if_empty(run_dir, created)
         raise
+    return _record(cfg, tracker, run_dir, result)
+
+
+def _decide(run_dir: Path, mode: str) -> resume.Decision:
+    """Continue, report or start over (:func:`dcc.engine.resume.decide`); rank 0 applies it once every rank looked."""
+    decision = resume.decide(run_dir, mode)
+    ddp.barrier()  # every rank has looked before rank 0 moves anything
+    if ddp.is_main():
+        resume.apply(run_dir, decision)
+        if decision.message:
+            print(decision.message, flush=True)
+    ddp.barrier()
+    return decision
+
+
+def _report_finished(cfg: DictConfig, launch_dir: Path, decision: resume.Decision) -> float:
+    """A finished run is not trained again: its result is printed, its MLflow run joins the sweep's parent."""
+    assert decision.result is not None
+    if ddp.is_main():
+        print(f"test mIoU: {_test_text(decision.result.get('test_miou', _NOT_MEASURED))}", flush=True)
+        if ddp.world_size() > 1:
+            print(f"(the run directory does not depend on the number of processes: {ddp.world_size()} processes "
+                  "compute what one computes (docs/several-gpus.md), so this finished run is this config's "
+                  "result; trainer.resume=restart trains it again)", flush=True)
+        _adopt(cfg, launch_dir, decision.result.get("mlflow_run_id"))
+    return percent(float(decision.result["final_miou"]))  # the job's value (Optuna's objective): in %
+
+
+def _open_run(cfg: DictConfig, launch_dir: Path, data: Any, run_dir: Path, *,
+              resumed: bool) -> tuple[NullTracker | Any, bool]:
+    """The MLflow run (the previous one when continuing; only rank 0 talks to MLflow) and the run directory, with
+    the split manifest; returns the tracker and whether the directory was created now."""
+    from dcc.data.splits import manifest_params, split_manifest, write_split_manifest
+
+    tracker = make_tracker(cfg, launch_dir) if ddp.is_main() else NullTracker()
+    id_file = run_dir / "mlflow_run_id"
+    previous = id_file.read_text().strip() if resumed and id_file.exists() else None
+    manifest = split_manifest(cfg, data)
+    tracker.start(
+        run_id=previous, run_name=run_name(cfg), params=flatten(plain_config(cfg)) | manifest_params(manifest),
+        tags=_tags(cfg, launch_dir), config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+    )
+    created = not run_dir.exists()
+    try:
+        if ddp.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+        ddp.barrier()
+        if tracker.run_id:
+            id_file.write_text(tracker.run_id)
+            if previous is None:
+                for path in write_split_manifest(manifest, run_dir / "split"):
+                    tracker.log_artifact(path, "split")
+    except BaseException as exc:
+        tracker.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        _drop_if_empty(run_dir, created)
+        raise
+    log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images, %s",
+             run_dir, len(data.labeled), len(data.unlabeled), len(data.val),
+             "no test split" if data.test is None else f"{len(data.test)} test images (evaluated once, at the end)")
+    return tracker, created
+
+
+def _fit(cfg: DictConfig, data: Any, device: torch.device, tracker: Any, run_dir: Path, weights: str | None) -> Any:
+    """Train (self-training: teacher then student) and log the checkpoint as ``logger.log_checkpoint`` asks."""
+    from dcc.engine.selftrain import self_train
+    from dcc.engine.trainer import fit
+
+    train = self_train if choice(cfg.loss.method, Method) is Method.st else fit
+    result = train(cfg, data, device, tracker, run_dir, backbone_weights=weights)
+    if ddp.is_main():
+        _log_checkpoint(cfg, tracker, run_dir, result.model)
+    return result
+
+
+def _record(cfg: DictConfig, tracker: Any, run_dir: Path, result: Any) -> float:
+    """The finished run: its MLflow description and status, ``result.json`` (what makes it finished) and the
+    printed summary; the job's value in %."""
     if ddp.is_main():
         test = "n/a (no test split)" if result.test_miou is None else f"{percent(result.test_miou):.2f}%"
         try:
             tracker.describe_result(f"**final val mIoU {percent(result.final_miou):.2f}%** (best "
-                                    f"{percent(result.best_miou):.2f}%), test mIoU {test}, after {result.steps} of {cfg.trainer.max_steps} steps; "
+                                    f"{percent(result.best_miou):.2f}%), test mIoU {test}, after {result.steps} of "
+                                    f"{cfg.trainer.max_steps} steps; "
                                     f"`{cfg.loss.preset}`, split {cfg.split.name}, seed {cfg.trainer.seed}, "
                                     f"{cfg.backbone.name}")
         except TrackingLost as exc:  # the training is done and its result is written below: only the note is lost

@@ -79,7 +79,7 @@ def _folder_items(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
 def _val_items(cfg: Any) -> Iterator[tuple[str, np.ndarray]]:
     from dcc.data.build import load_sources
 
-    _, val = load_sources(cfg)
+    _, val = load_sources(cfg.dataset)
     ids = getattr(val, "ids", None)
     for i in range(len(val)):
         image = val.read_image(i) if hasattr(val, "read_image") else val.load(i)[0]
@@ -96,7 +96,7 @@ def run_predict(cfg: Any, launch_dir: Path | None = None) -> list[Path]:
     out = out if out.is_absolute() else launch_dir / out
     device = resolve_device(str(cfg.trainer.device))
     model = load_model(cfg, pc.checkpoint, device)
-    options = eval_options(cfg)
+    options = eval_options(cfg.eval)
     mean = torch.tensor(list(cfg.dataset.mean), device=device).view(1, 3, 1, 1)
     std = torch.tensor(list(cfg.dataset.std), device=device).view(1, 3, 1, 1)
     if pc.input:
@@ -106,7 +106,7 @@ def run_predict(cfg: Any, launch_dir: Path | None = None) -> list[Path]:
         items = _folder_items(folder)
     else:
         items = _val_items(cfg)
-    written, pal = [], dataset_palette(cfg)
+    written, pal = [], dataset_palette(cfg.dataset)
     with torch.no_grad():
         for name, image in items:
             x = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float().div(255.0)

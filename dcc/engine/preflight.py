@@ -109,7 +109,7 @@ def tracking_source(cfg: Any, launch_dir: Path) -> tuple[str, str] | None:
     """``(uri, where it was set)`` of the MLflow store a run would log to, or None with ``logger=none``."""
     from dcc.engine.tracking import default_tracking_uri, logging_off
 
-    if logging_off(cfg):
+    if logging_off(cfg.logger):
         return None
     if cfg.logger.tracking_uri:
         return str(cfg.logger.tracking_uri), "logger.tracking_uri"

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from dcc.config import TrainerConfig
 from dcc.engine import checkpoint as ckpt
 from dcc.engine.preemption import requeued
 from dcc.engine.metrics import percent
@@ -36,9 +37,9 @@ from dcc.engine.metrics import percent
 RESULT_FILE = "result.json"  # written when a run has finished and logged everything
 
 
-def resume_mode(cfg: Any) -> str:
+def resume_mode(trainer: TrainerConfig) -> str:
     """``auto``, ``true`` or ``restart`` (``false`` -> ``restart``; a requeued job -> ``true``)."""
-    mode = str(cfg.trainer.resume).lower()
+    mode = str(trainer.resume).lower()
     if requeued():
         return "true"
     return "restart" if mode == "false" else mode

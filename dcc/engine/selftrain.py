@@ -41,7 +41,7 @@ class SubsetSource:
 def pseudo_label(model: Segmentor, cfg: Any, data: DataBundle, device: torch.device) -> SubsetSource:
     """Argmax of the teacher at native resolution; pixels under ``loss.st_threshold`` confidence become ignore."""
     model.eval()
-    loader = eval_loader(cfg, SubsetSource(data.train, data.unlabeled), device, sharded=False)
+    loader = eval_loader(cfg.dataset, cfg.trainer, SubsetSource(data.train, data.unlabeled), device, sharded=False)
     masks: list[np.ndarray] = []
     kept = torch.zeros((), dtype=torch.float64)
     for image, _ in loader:

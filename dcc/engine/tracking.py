@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from dcc.config import LoggerName, choice
+from dcc.config import LoggerConfig, LoggerName, choice
 from dcc.locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -120,14 +120,14 @@ def default_tracking_uri(launch_dir: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{((launch_dir or Path()) / 'mlflow.db').resolve()}"
 
 
-def tracking_uri(cfg: Any, launch_dir: Path | None = None) -> str:
-    """The MLflow store of a config: ``logger.tracking_uri``, else :func:`default_tracking_uri`."""
-    return cfg.logger.tracking_uri or default_tracking_uri(launch_dir)
+def tracking_uri(logger: LoggerConfig, launch_dir: Path | None = None) -> str:
+    """The MLflow store of the ``logger`` group: ``logger.tracking_uri``, else :func:`default_tracking_uri`."""
+    return logger.tracking_uri or default_tracking_uri(launch_dir)
 
 
-def logging_off(cfg: Any) -> bool:
+def logging_off(logger: LoggerConfig) -> bool:
     """``logger=none``."""
-    return choice(cfg.logger.name, LoggerName) is LoggerName.none
+    return choice(logger.name, LoggerName) is LoggerName.none
 
 
 def experiment_id(client: Any, name: str) -> str:
@@ -274,6 +274,6 @@ class MLflowTracker:
 
 
 def make_tracker(cfg: Any, launch_dir: Path) -> NullTracker | MLflowTracker:
-    if logging_off(cfg):
+    if logging_off(cfg.logger):
         return NullTracker()
-    return MLflowTracker(tracking_uri(cfg, launch_dir), cfg.logger.experiment)
+    return MLflowTracker(tracking_uri(cfg.logger, launch_dir), cfg.logger.experiment)

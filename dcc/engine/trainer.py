@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dcc.engine import checkpoint as ckpt
 from dcc import distributed as ddp
-from dcc.config import Method, Precision, ViewBN, choice
+from dcc.config import Method, Precision, TrainerConfig, ViewBN, choice
 from dcc.method.consistency import ConsistencyBranch
 from dcc.data.build import DataBundle, eval_loader, labeled_loader, unlabeled_loader
 from dcc.engine.evaluate import eval_options, evaluate
@@ -67,8 +67,8 @@ class FitResult:
     test_miou: float | None = None  # the held-out test split, evaluated once in finish (None: no test split)
 
 
-def _autocast(cfg: Any, device: torch.device) -> Callable[[], Any] | None:
-    p = choice(cfg.trainer.precision, Precision)
+def _autocast(trainer: TrainerConfig, device: torch.device) -> Callable[[], Any] | None:
+    p = choice(trainer.precision, Precision)
     if p is Precision.fp32:
         return None
     dtype = torch.bfloat16 if p is Precision.bf16 else torch.float16
@@ -169,7 +169,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, model)
         self.scheduler = poly_scheduler(self.optimizer, tc.max_steps, cfg.optim.poly_power)
         # no cost when nothing is logged; decided from the config, so that every rank computes the same terms
-        diagnostics = bool(tc.diagnostics) and not logging_off(cfg)
+        diagnostics = bool(tc.diagnostics) and not logging_off(cfg.logger)
         self.branch = ConsistencyBranch(
             cfg.loss, shared_bn=choice(tc.view_bn, ViewBN) is ViewBN.shared, diagnostics=diagnostics,
             num_classes=cfg.dataset.num_classes, ignore_index=self.ignore,
@@ -178,7 +178,7 @@ class Trainer:
             log.warning("%strainer.view_bn=per_view over %d GPU processes is verified on CPU (gloo) only: "
                         "benchmarks/ddp_check.py has not passed on a GPU yet (docs/several-gpus.md); "
                         "trainer.view_bn=shared avoids the question", self.prefix, ddp.world_size())
-        self.autocast = _autocast(cfg, device)
+        self.autocast = _autocast(cfg.trainer, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is not None
                                            and choice(tc.precision, Precision) is Precision.fp16)
         self.progress = _Progress()
@@ -198,10 +198,11 @@ class Trainer:
         so a ``last.pt`` found here under ``restart`` would be overwritten: refused instead."""
         last = self.last
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        mode = resume_mode(self.cfg)
+        mode = resume_mode(self.cfg.trainer)
         if mode == "restart" and last.exists():
-            raise RuntimeError(f"trainer.resume=restart with {last} present: python run.py (dcc.engine.job) sets a "
-                               "previous run aside before training; a direct caller of fit() must move it itself")
+            raise ckpt.CheckpointError(f"trainer.resume=restart with {last} present: python run.py (dcc.engine.job) "
+                                       "sets a previous run aside before training; a direct caller of fit() must "
+                                       "move it itself")
         if ddp.is_main():
             ckpt.remove_stale_tmp(last)  # left by a write that was killed; last.pt itself is intact
         ddp.barrier()
@@ -252,17 +253,19 @@ class Trainer:
     def _unlabeled_batch(self) -> dict[str, torch.Tensor]:
         if self.unlabeled is None:
             start = self.progress.step - self.cfg.loss.start_step
-            self.unlabeled = iter(unlabeled_loader(self.cfg, self.data.train, self.data.unlabeled, start_step=start,
-                                                   device=self.device, image_labels=self.data.image_labels,
+            cfg = self.cfg
+            self.unlabeled = iter(unlabeled_loader(cfg.dataset, cfg.trainer, self.data.train, self.data.unlabeled,
+                                                   stride=cfg.segnet.consistency_stride, context=bool(cfg.loss.context),
+                                                   start_step=start, device=self.device, image_labels=self.data.image_labels,
                                                    with_masks=self.branch is not None and self.branch.diagnostics))
         return {k: v.to(self.device, non_blocking=True) for k, v in next(self.unlabeled).items()}
 
     def _labeled_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The labeled stream (with self-training's pseudo-labeled stream appended to each batch), on the device."""
         cfg, data, device, start = self.cfg, self.data, self.device, self.progress.step
-        lab = iter(labeled_loader(cfg, data.train, data.labeled, start_step=start, device=device))
+        lab = iter(labeled_loader(cfg.dataset, cfg.trainer, data.train, data.labeled, start_step=start, device=device))
         extra = (
-            iter(labeled_loader(cfg, self.extra_labeled[0], self.extra_labeled[1], start_step=start, device=device,
+            iter(labeled_loader(cfg.dataset, cfg.trainer, self.extra_labeled[0], self.extra_labeled[1], start_step=start, device=device,
                                 stream="pseudo", batch_size=self.tc.unlabeled_batch_size,
                                 unlabeled_aug=bool(cfg.loss.get("st_unlabeled_aug"))))
             if self.extra_labeled is not None else None
@@ -282,7 +285,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the loop
     def train(self) -> FitResult:
         tc, p = self.tc, self.progress
-        self.val = eval_loader(self.cfg, self.data.val, self.device)
+        self.val = eval_loader(self.cfg.dataset, self.cfg.trainer, self.data.val, self.device)
         batches = self._labeled_batches()
         self.bar = tqdm(total=tc.max_steps, initial=p.step, disable=not tc.progress or not ddp.is_main(),
                         desc=f"{self.prefix}train", mininterval=2.0, dynamic_ncols=True)
@@ -355,7 +358,7 @@ class Trainer:
     def _evaluate(self, keep: int, loader: Any = None) -> dict[str, Any]:
         ddp.average_buffers(self.model)
         return evaluate(self.model, self.val if loader is None else loader, self.cfg.dataset.num_classes, self.device,
-                        ignore_index=self.ignore, autocast=self.autocast, **eval_options(self.cfg), keep=keep)
+                        ignore_index=self.ignore, autocast=self.autocast, **eval_options(self.cfg.eval), keep=keep)
 
     def validate(self, is_last: bool) -> None:
         p, pre = self.progress, self.prefix
@@ -408,7 +411,7 @@ class Trainer:
             grid = save_prediction_grid(final["samples"], list(cfg.dataset.mean), list(cfg.dataset.std),
                                         self.state_dir / "predictions.png",
                                         class_names=list(cfg.dataset.class_names) or None,
-                                        ignore_index=cfg.dataset.ignore_index, pal=dataset_palette(cfg))
+                                        ignore_index=cfg.dataset.ignore_index, pal=dataset_palette(cfg.dataset))
             self.tracker.log_artifact(grid, f"{pre}predictions".rstrip("/"))
         test = self.evaluate_test(names)
         return FitResult(final_miou=final["miou"], best_miou=p.best, model=self.model, steps=p.step,
@@ -419,7 +422,7 @@ class Trainer:
         ``test/miou``, ``test/pixel_acc`` and ``test/iou/<class>`` (no prefix: it measures the run's result)."""
         if not self.test or self.data.test is None:
             return None
-        res = self._evaluate(0, eval_loader(self.cfg, self.data.test, self.device))
+        res = self._evaluate(0, eval_loader(self.cfg.dataset, self.cfg.trainer, self.data.test, self.device))
         self.tracker.log_metrics(
             {f"test/iou/{n}": percent(v) for n, v in zip(names, res["iou"]) if not math.isnan(v)}
             | {"test/miou": percent(res["miou"]), "test/pixel_acc": percent(res["pixel_acc"])},

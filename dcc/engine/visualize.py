@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dcc.config import DatasetConfig
+
 
 def palette(num_colors: int = 256) -> np.ndarray:
     """The Pascal VOC colour map (bit-interleaved), ``[num_colors, 3]`` uint8; index 255 is ignore."""
@@ -21,13 +23,13 @@ def palette(num_colors: int = 256) -> np.ndarray:
     return pal.astype(np.uint8)
 
 
-def dataset_palette(cfg: Any) -> np.ndarray:
+def dataset_palette(ds: DatasetConfig) -> np.ndarray:
     """``[256, 3]``: the VOC colour map, with ``<root>/palette.txt``'s colours first for ``dataset=folder``."""
     pal = palette()
-    if str(cfg.dataset.name) == "folder" and cfg.dataset.root:
+    if str(ds.name) == "folder" and ds.root:
         from dcc.data.folder import read_palette
 
-        own = read_palette(cfg.dataset.root)
+        own = read_palette(ds.root)
         if own is not None:
             pal[: min(len(own), 255)] = own[:255]
     return pal

@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from dcc.engine.metrics import percent
 from dcc.engine.tracking import PERCENT, UNIT_TAG as UNIT_ATTR  # the sweeper sets it on a study as on a run
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -131,7 +132,8 @@ def build(study: optuna.Study, storage: str) -> StudyReport:
     max_steps = attrs.get("dcc.max_steps") or max((t.user_attrs.get("max_steps") or 0 for t in trials), default=0) or None
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE if len(study.directions) == 1 else True
     # values in % (mIoU); a study made before dcc logged mIoU in % (no unit attribute) holds fractions of 1
-    scale = 1.0 if attrs.get(UNIT_ATTR) == PERCENT or not trials else 100.0
+    old_fractions = attrs.get(UNIT_ATTR) != PERCENT and bool(trials)
+    shown = percent if old_fractions else float
     counts: dict[str, int] = {}
     rows: list[Row] = []
     for t in trials:
@@ -139,9 +141,9 @@ def build(study: optuna.Study, storage: str) -> StudyReport:
         steps = list(t.user_attrs.get("steps") or [])
         if not steps:  # a trial of an older sweeper: its last reported step, or the whole run when complete
             steps = [t.last_step if t.last_step is not None else (max_steps if t.state == TrialState.COMPLETE else None)]
-        value = scale * t.value if len(study.directions) == 1 and t.value is not None else None
+        value = shown(t.value) if len(study.directions) == 1 and t.value is not None else None
         rows.append(Row(t.number, t.state.name, value, steps, dict(t.params),
-                        {str(k): scale * float(v) for k, v in (t.user_attrs.get("replicate_values") or {}).items()
+                        {str(k): shown(float(v)) for k, v in (t.user_attrs.get("replicate_values") or {}).items()
                          if not isinstance(v, list)}))
     by_number = {r.number: r for r in rows}
     base_trial = _baseline(trials)
@@ -176,7 +178,7 @@ def build(study: optuna.Study, storage: str) -> StudyReport:
     trained = sum(s for r in rows for s in r.steps if s)
     full = len(rows) * per_trial * max_steps if max_steps else None
     notes: list[str] = []
-    if scale != 1.0:
+    if old_fractions:
         notes.append("the study stores its values as fractions of 1 (it was made before dcc logged mIoU in %): the "
                      "table shows them in %, Optuna's plots as stored")
     importances: dict[str, float] = {}
