@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcc.method.consistency import ConsistencyBranch
-from dcc.method.losses import cross_entropy
 from dcc.method.models import build_model
 from tests.conftest import compose_cfg
 

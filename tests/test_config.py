@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-from omegaconf.errors import ValidationError
 
 from dcc.cli import quote_split_overrides
 from dcc.config import ConfigError, Method, validate

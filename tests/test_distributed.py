@@ -61,7 +61,7 @@ def _one_step(cfg, state_dir: str, record: str | None = None) -> dict[str, float
     torch.set_num_threads(1)
     ddp.average_gradients = recording_average
     try:
-        with ddp.process_group(cfg, resolve_device) as device:
+        with ddp.process_group(cfg.trainer, resolve_device) as device:
             tracker = _Recorder()
             fit(cfg, build_data(cfg), device, tracker, Path(state_dir))
             return tracker.metrics

@@ -188,7 +188,6 @@ class _ConcurrentLauncher:
 
     def launch(self, overrides, initial_job_idx):
         (ov,) = overrides
-        values = dict(o.split("=", 1) for o in ov)
         with self.lock:
             self.now += 1
             self.peak = max(self.peak, self.now)

@@ -93,7 +93,7 @@ def test_one_value_per_channel_is_refused_on_one_process():
 
 def _two_ranks(groups: int) -> dict[str, torch.Tensor]:
     """In each of 2 gloo processes: rank r holds half of every group of the batch of ``_data``."""
-    with ddp.process_group(compose_cfg(["trainer.devices=2", "trainer.device=cpu"]), torch.device):
+    with ddp.process_group(compose_cfg(["trainer.devices=2", "trainer.device=cpu"]).trainer, torch.device):
         torch.set_num_threads(1)
         r = ddp.rank()
         x, w = _data()

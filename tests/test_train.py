@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import dcc.engine.trainer
 from dcc.engine import checkpoint
 from dcc.engine.job import run, run_dir_for
 from dcc.method.consistency import ConsistencyBranch
-from tests.conftest import ROOT, TINY, compose_cfg
+from tests.conftest import ROOT, compose_cfg
 
 
 def _client(overrides: list[str]) -> MlflowClient:
