@@ -99,6 +99,7 @@ def test_every_backbone_option_trains_on_the_default_preset_with_its_digit_pretr
     pretrained on digit classification (a few steps here), then loaded into the segmentation model."""
     over = [o for o in TINY if not o.startswith(("backbone=", "dataset.scenes.pretrain.steps"))] + [
         f"backbone={backbone}", "dataset.scenes.pretrain.steps=2", "dataset.scenes.pretrain.num_images=16",
+        "dataset.scenes.pretrain.batch_size=4",  # 64 by default: most of VGG-16's time went to its 4096-wide head
         "trainer.max_steps=2", "trainer.eval_every=2", "trainer.checkpoint_every=2",
         f"dataset.root={tmp_path / 'data'}", f"trainer.runs_root={tmp_path / 'runs'}", "logger=none"]
     miou = run(compose_cfg(over), launch_dir=tmp_path)
@@ -109,30 +110,18 @@ def test_every_backbone_option_trains_on_the_default_preset_with_its_digit_pretr
 
 
 # ------------------------------------------------------------- the MLflow store under concurrency (item 4)
-def _open_and_log(uri: str, start_at: float, out) -> None:
-    import time
-
-    from dcc.engine.tracking import experiment_id, open_client
-
-    time.sleep(max(0.0, start_at - time.time()))  # every process opens the new store at the same instant
-    try:
-        client = open_client(uri)
-        run = client.create_run(experiment_id(client, "digits"), run_name="parent")
-        out.put(("ok", run.info.run_id))
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        out.put(("error", repr(exc)))
-
-
 def test_processes_creating_a_new_store_at_once_all_succeed(tmp_path):
     import multiprocessing as mp
     import time
+
+    from tests.store_race import open_and_log  # a light module: the spawned processes import only it
 
     ctx = mp.get_context("spawn")
     for attempt in range(2):
         uri = f"sqlite:///{tmp_path / f'mlflow{attempt}.db'}"
         out = ctx.Queue()
         start_at = time.time() + 4.0
-        procs = [ctx.Process(target=_open_and_log, args=(uri, start_at, out)) for _ in range(3)]
+        procs = [ctx.Process(target=open_and_log, args=(uri, start_at, out)) for _ in range(3)]
         for p in procs:
             p.start()
         results = [out.get(timeout=120) for _ in procs]
