@@ -226,8 +226,8 @@ def unlabeled_loader(
     start_step: int, device: torch.device, image_labels: np.ndarray | None = None, with_masks: bool = False,
 ) -> DataLoader:
     """Pairs of overlapping crops of unlabeled images (CAC's two views); ``stride``: the consistency features'
-    output stride (``segnet.consistency_stride``), on whose grid the crops are aligned; ``context``: the crops'
-    context differs (``loss.context``), else both views are the overlap itself."""
+    output stride (``segnet.consistency_stride``), on whose grid the crops are aligned; ``context``: two crops at
+    different offsets, each with context the other lacks (``loss.context``), else the same crop twice."""
     dataset = UnlabeledPairDataset(
         source,
         indices.tolist(),
