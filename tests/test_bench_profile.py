@@ -71,7 +71,7 @@ def test_the_optuna_bench_runs_two_jobs_at_a_time_searches_the_start_step_and_st
     import optuna
 
     (name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert name == "lambda_gamma_tau-bench22-1500steps-2rep"  # budget and replicates name the study
+    assert name == "lambda_gamma_tau-bench22-1500steps-2rep-r600"  # budget and replicates name the study
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     (baseline,) = study.get_trials(deepcopy=False)  # enqueued, not run: the preset (start step 300)
     assert baseline.user_attrs == {"enqueued": 0} and study.user_attrs["dcc.replicates"]["values"] == [1, 2]

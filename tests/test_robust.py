@@ -97,6 +97,30 @@ def test_rerun_of_a_finished_run_reports_it_without_training(tiny_overrides, tmp
     assert len(runs) == 1
 
 
+def test_a_finished_run_met_by_an_optuna_trial_gives_the_sweeper_its_curve(tiny_overrides, tmp_path, monkeypatch):
+    # a trial whose run has finished (e.g. the baseline, trained by an earlier sweep) takes part in the pruner's rungs
+    import json
+
+    from dcc.engine.trial_link import DIR_ENV, REPLICATE_ENV
+
+    cfg = compose_cfg(tiny_overrides)
+    run(cfg, launch_dir=tmp_path)
+    run_dir = run_dir_for(cfg, tmp_path)
+    result = json.loads((run_dir / "result.json").read_text())
+    curve = [[3, pytest.approx(100 * result["history"][0][1])], [6, pytest.approx(100 * result["final_miou"])]]
+    assert [s for s, _ in result["history"]] == [3, 6]
+    for kept in (True, False):  # result.json with the curve; one written before it kept it: read from last.pt
+        if not kept:
+            del result["history"]
+            (run_dir / "result.json").write_text(json.dumps(result))
+        trial_dir = tmp_path / f"trial-{kept}"
+        monkeypatch.setenv(DIR_ENV, str(trial_dir))
+        monkeypatch.setenv(REPLICATE_ENV, "2")
+        run(compose_cfg(tiny_overrides), launch_dir=tmp_path)
+        report = json.loads((trial_dir / "replicate-2.json").read_text())
+        assert report["history"] == curve and report["step"] == 6 and report["pruned"] is False
+
+
 def test_restart_moves_the_previous_run_aside_and_says_where(tiny_overrides, tmp_path, capsys):
     over = tiny_overrides + ["trainer.max_steps=3"]
     cfg = compose_cfg(over)

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dcc import distributed as ddp
-from dcc.engine import preflight, resume
+from dcc.engine import checkpoint as ckpt, preflight, resume
 from dcc.config import CheckpointLog, ConfigError, Method, choice, validate
 from dcc.engine.tracking import (PARENT_RUN_ENV, PARENT_TAG, NullTracker, TrackingLost, flatten, git_commit,
                                  logging_off, make_tracker, open_client, tracking_uri)
@@ -167,7 +167,7 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
     """The run's life in its (held) directory: decide, then report a finished run or train and record the result."""
     decision = _decide(run_dir, resume.resume_mode(cfg.trainer))
     if decision.action == "finished":
-        return _report_finished(cfg, launch_dir, decision)
+        return _report_finished(cfg, launch_dir, decision, run_dir)
     tracker, created = _open_run(cfg, launch_dir, data, run_dir, resumed=decision.action == "resume")
     from dcc.engine.trial_link import TrialPruned
 
@@ -203,7 +203,7 @@ def _decide(run_dir: Path, mode: str) -> resume.Decision:
     return decision
 
 
-def _report_finished(cfg: DictConfig, launch_dir: Path, decision: resume.Decision) -> float:
+def _report_finished(cfg: DictConfig, launch_dir: Path, decision: resume.Decision, run_dir: Path) -> float:
     """A finished run is not trained again: its result is printed, its MLflow run joins the sweep's parent."""
     assert decision.result is not None
     if ddp.is_main():
@@ -213,7 +213,26 @@ def _report_finished(cfg: DictConfig, launch_dir: Path, decision: resume.Decisio
                   "compute what one computes (docs/several-gpus.md), so this finished run is this config's "
                   "result; trainer.resume=restart trains it again)", flush=True)
         _adopt(cfg, launch_dir, decision.result.get("mlflow_run_id"))
-    return percent(float(decision.result["final_miou"]))  # the job's value (Optuna's objective): in %
+        _report_to_trial(cfg, decision.result, run_dir)
+    return percent(float(decision.result["final_miou"]))
+
+
+def _report_to_trial(cfg: DictConfig, result: dict[str, Any], run_dir: Path) -> None:
+    """A job of an Optuna trial that meets a finished run gives the sweeper the run's validation curve, as if it had
+    trained it now: the trial then takes part in the pruner's rungs (without it, a met baseline sets no bar)."""
+    from dcc.engine.trial_link import TrialLink
+
+    link = TrialLink.from_env()
+    if link is None:
+        return
+    history = result.get("history")
+    if history is None and (run_dir / "last.pt").exists():  # result.json of runs finished before it kept the curve
+        try:
+            history = ckpt.load(run_dir / "last.pt").get("history", [])
+        except ckpt.CheckpointError as exc:
+            log.warning("%s: the trial gets the final value only", exc)
+    link.report(int(result["steps"]), [(int(s), percent(float(v))) for s, v in history or []],
+                cfg.trainer.max_steps)  # the job's value (Optuna's objective): in %
 
 
 def _open_run(cfg: DictConfig, launch_dir: Path, data: Any, run_dir: Path, *,
@@ -266,11 +285,10 @@ def _record(cfg: DictConfig, tracker: Any, run_dir: Path, result: Any) -> float:
     """The finished run: its MLflow description and status, ``result.json`` (what makes it finished) and the
     printed summary; the job's value in %."""
     if ddp.is_main():
-        test = "n/a (no test split)" if result.test_miou is None else f"{percent(result.test_miou):.2f}%"
         try:
             tracker.describe_result(f"**final val mIoU {percent(result.final_miou):.2f}%** (best "
-                                    f"{percent(result.best_miou):.2f}%), test mIoU {test}, after {result.steps} of "
-                                    f"{cfg.trainer.max_steps} steps; "
+                                    f"{percent(result.best_miou):.2f}%), test mIoU {_test_text(result.test_miou)}, "
+                                    f"after {result.steps} of {cfg.trainer.max_steps} steps; "
                                     f"`{cfg.loss.preset}`, split {cfg.split.name}, seed {cfg.trainer.seed}, "
                                     f"{cfg.backbone.name}")
         except TrackingLost as exc:  # the training is done and its result is written below: only the note is lost
@@ -280,7 +298,8 @@ def _record(cfg: DictConfig, tracker: Any, run_dir: Path, result: Any) -> float:
         return percent(result.final_miou)
     test = None if result.test_miou is None else float(result.test_miou)
     resume.write_result(run_dir, {"final_miou": float(result.final_miou), "best_miou": float(result.best_miou),
-                                  "steps": int(result.steps), "mlflow_run_id": tracker.run_id, "test_miou": test})
+                                  "steps": int(result.steps), "mlflow_run_id": tracker.run_id, "test_miou": test,
+                                  "history": [[int(s), float(v)] for s, v in result.history]})
     print(f"final val mIoU: {percent(result.final_miou):.2f}% (best {percent(result.best_miou):.2f}%) after "
           f"{result.steps} steps; test mIoU: {_test_text(test)}", flush=True)
     print(tracker.describe(), flush=True)

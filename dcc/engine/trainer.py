@@ -65,6 +65,7 @@ class FitResult:
     model: Segmentor
     steps: int
     test_miou: float | None = None  # the held-out test split, evaluated once in finish (None: no test split)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, val mIoU) of every evaluation
 
 
 def _autocast(trainer: TrainerConfig, device: torch.device) -> Callable[[], Any] | None:
@@ -415,7 +416,7 @@ class Trainer:
             self.tracker.log_artifact(grid, f"{pre}predictions".rstrip("/"))
         test = self.evaluate_test(names)
         return FitResult(final_miou=final["miou"], best_miou=p.best, model=self.model, steps=p.step,
-                         test_miou=None if test is None else test["miou"])
+                         test_miou=None if test is None else test["miou"], history=list(p.history))
 
     def evaluate_test(self, names: list[str]) -> dict[str, Any] | None:
         """The held-out test split, with the validation protocol, once, after the final validation evaluation:
