@@ -155,6 +155,42 @@ def test_a_median_pruner_by_target_prunes_a_trial_below_the_median_of_the_comple
     assert [t.user_attrs.get("pruned_at_step") for t in _load(tmp_path, "m").trials] == [None, 10, 10, None]
 
 
+class MetLauncher(CurveLauncher):
+    """Jobs of trials whose ``w`` is in ``met`` meet finished runs: they report their whole curve at once and end
+    without training (what :func:`dcc.engine.job._report_to_trial` does for a run finished by an earlier sweep)."""
+
+    def __init__(self, met, **kwargs):
+        super().__init__(_level, **kwargs)
+        self.met = met
+
+    def _job(self, ov):
+        if float(ov["w"]) not in self.met:
+            return super()._job(ov)
+        trial_dir = ov[DIR_KEY].strip("'")
+        history = [(s, self.curve(ov, s)) for s in range(self.eval_every, self.max_steps + 1, self.eval_every)]
+        TrialLink(trial_dir, ov[REP_KEY]).report(self.max_steps, history, self.max_steps)
+        time.sleep(0.05)  # the sweeper polls while the job ends
+        with self.lock:
+            self.jobs.append({"overrides": ov, "trial": int(Path(trial_dir).name), "step": 0, "pruned": False})
+        return history[-1][1]
+
+
+def test_finished_runs_met_by_a_trial_set_the_rungs_bar_and_are_never_pruned(tmp_path):
+    # one trial at a time, successive halving with a rung at step 20 (top half goes on): trial 0 (met, 0.9) sets the
+    # bar; trial 1 (trained, 0.3) is below it and pruned; trial 2 (met, 0.2) is below both but has nothing left to
+    # train: COMPLETE with its value and its whole curve
+    launcher = MetLauncher(met={0.9, 0.2}, max_steps=60, eval_every=10, step_s=0.01)
+    sweeper = _sweeper(tmp_path, launcher, study_name="met", n_trials=3, n_jobs=1, params={"w": "interval(0, 1)"},
+                       enqueue=[{"w": w} for w in (0.9, 0.3, 0.2)],
+                       pruner={"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 20,
+                               "reduction_factor": 2})
+    sweeper.sweep([])
+    trials = _load(tmp_path, "met").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert sorted(trials[0].intermediate_values) == sorted(trials[2].intermediate_values) == list(range(10, 61, 10))
+    assert trials[1].user_attrs["pruned_at_step"] == 20 and trials[2].value == pytest.approx(0.2)
+
+
 def test_replicated_trials_report_the_mean_of_their_replicates(tmp_path):
     launcher = CurveLauncher(lambda ov, step: _level(ov, step) * step / 30, max_steps=30, eval_every=10, step_s=0.005)
     sweeper = _sweeper(tmp_path, launcher, study_name="r", n_trials=3, n_jobs=2, params={"w": "interval(0, 1)"},

@@ -499,6 +499,10 @@ class StudySweeper(Sweeper):
         if run.prune_step is not None:
             return
         reports = read_reports(run.dir)
+        # jobs that have all trained to the end (e.g. finished runs met again, which report their whole curve at once)
+        # have nothing left to save: their values go to the rungs, the trial is not pruned (nor after they ended)
+        done = len(reports) >= self._n_jobs_per_trial() and all(
+            r.get("max_steps") and int(r.get("step", 0)) >= int(r["max_steps"]) for r in reports.values())
         by_step: dict[int, list[float]] = {}
         for rep in reports.values():
             for step, value in rep.get("history", []):
@@ -511,7 +515,8 @@ class StudySweeper(Sweeper):
                 break  # a replicate has not reached this step yet
             run.trial.report(sum(values) / len(values), step)
             run.reported.add(step)
-            if self.pruner is not None and not final and run.trial.should_prune():
+            # asked even when the answer is not acted on: a rung pruner records the trial's value at its rungs then
+            if self.pruner is not None and run.trial.should_prune() and not final and not done:
                 run.prune_step = step
                 run.trial.set_user_attr(PRUNED_AT, step)  # before the stop file: a killed sweeper does not rerun it
                 request_stop(run.dir, step)
