@@ -105,7 +105,7 @@ RESUME_CHOICES = ("auto", "true", "restart", "false")
 # Config keys (and groups) that do not change what a run computes: left out of the run directory's hash
 # and never a column of a report.
 RESULT_NEUTRAL_KEYS = (
-    "task", "predict", "preset", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
+    "task", "predict", "preset", "preset_for", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
     "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
     "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
     # The number of processes does not change what is computed, by design: the total batch, the data stream
@@ -289,8 +289,8 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """The authors' schedule (80 epochs x 1157 iterations, batch 8 + 8); experiment presets (digits_cpu) and profiles shorten it.
-    (No conf/trainer/ group: these defaults are the trainer's config.)"""
+    """The authors' schedule (80 epochs x 1157 iterations, batch 8 + 8); experiment presets (digits_cpu) and
+    profiles shorten it. (No conf/trainer/ group: these defaults are the trainer's config.)"""
 
     max_steps: int = 92560
     batch_size: int = 8  # labeled images per step (total over devices: each of N processes takes 1/N)
@@ -342,6 +342,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     task: Task = Task.train
     preset: str = "none"  # the experiment preset's name (conf/experiment/<name>.yaml sets it); not hashed
+    preset_for: list[str] = field(default_factory=list)  # the datasets the preset is made for ([]: any); not hashed
 
 
 def register_configs() -> None:
@@ -379,17 +380,16 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-DEMO_PRESET = "digits_cpu"  # conf/experiment/digits_cpu.yaml, the default run
-
-
 def validate(cfg: Any) -> None:
     """Cross-field rules, group by group. ``cfg`` is the composed DictConfig (or a :class:`Config`)."""
     method = choice(cfg.loss.method, Method)
     dataset = choice(cfg.dataset.name, DatasetName)
-    _check(getattr(cfg, "preset", None) != DEMO_PRESET or dataset is DatasetName.digits,
-           f"dataset={dataset.name} with experiment={DEMO_PRESET} (the default: the CPU demo's network and 600-step "
-           f"budget, made for the embedded digits): add experiment=none (the dataset with the entry config's groups) "
-           f"or a paper setting (experiment=voc_deeplabv3plus_r50, cityscapes_deeplabv3plus_r50, ...)")
+    made_for = list(getattr(cfg, "preset_for", None) or [])
+    _check(not made_for or dataset.name in made_for,
+           f"dataset={dataset.name} with experiment={cfg.preset} (conf/experiment/{cfg.preset}.yaml, made for "
+           f"dataset={','.join(made_for)}; without experiment=, the preset is the default of conf/config.yaml): add "
+           "experiment=none (the dataset with the entry config's groups) or a paper setting "
+           "(experiment=voc_deeplabv3plus_r50, cityscapes_deeplabv3plus_r50, ...)")
     _validate_loss(cfg.loss, method, cfg.dataset)
     _validate_split(cfg.split)
     _validate_trainer(cfg.trainer, method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,23 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dcc-data")
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow store made once per session: creating one (its schema migrations) takes about 3 s, which
+    most tests would pay in every process they start."""
+    from dcc.engine.tracking import open_client
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    open_client(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def tiny_overrides(data_root, tmp_path) -> list[str]:
+def tiny_overrides(data_root, tmp_path, store_template, request) -> list[str]:
+    """The tiny setup with its own runs directory and MLflow store (a copy of the empty template; a test marked
+    ``new_store`` starts without one, e.g. to check that a failed start creates none)."""
+    if request.node.get_closest_marker("new_store") is None:
+        shutil.copy(store_template, tmp_path / "mlflow.db")
     return TINY + [
         f"dataset.root={data_root}",
         f"trainer.runs_root={tmp_path / 'runs'}",

@@ -296,6 +296,7 @@ def test_a_killed_pretraining_continues_to_the_same_weights(tmp_path, monkeypatc
     assert all(torch.equal(v, continued[k]) for k, v in whole.items())
 
 
+@pytest.mark.new_store
 def test_a_run_killed_during_the_pretraining_leaves_no_mlflow_run_running(tiny_overrides, tmp_path, monkeypatch, capsys):
     from dcc.data import digits_pretrain
 

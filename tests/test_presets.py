@@ -146,6 +146,9 @@ def test_another_dataset_under_the_demo_preset_fails_at_start_in_one_line(datase
     plain = compose_cfg(["experiment=none", f"dataset={dataset}", *root])
     validate(plain)
     assert plain.preset == "none" and plain.trainer.max_steps == compose_cfg(["experiment=none"]).trainer.max_steps
+    # the rule is the preset's own declaration (preset_for), not a name in the code
+    with pytest.raises(ConfigError, match=f"dataset={dataset} with experiment=none .*made for dataset=digits,voc2"):
+        validate(compose_cfg(["experiment=none", f"dataset={dataset}", *root, "preset_for=[digits,voc2]"]))
 
 
 def test_the_preset_name_is_shown_but_not_hashed():
@@ -153,5 +156,5 @@ def test_the_preset_name_is_shown_but_not_hashed():
 
     demo = compose_cfg([])
     assert demo.preset == "digits_cpu"
-    renamed = compose_cfg(["preset=other"])
+    renamed = compose_cfg(["preset=other", "preset_for=[digits,voc]"])
     assert run_dir_for(demo, ROOT) == run_dir_for(renamed, ROOT)

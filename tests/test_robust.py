@@ -224,6 +224,7 @@ def test_summary_needs_no_weights(tiny_overrides, tmp_path, monkeypatch, capsys)
     assert capsys.readouterr().out.startswith("params: total=")
 
 
+@pytest.mark.new_store
 def test_missing_weights_and_data_fail_before_any_run_exists(tiny_overrides, tmp_path, monkeypatch):
     monkeypatch.delenv("DCC_RESNET50_WEIGHTS", raising=False)
     with pytest.raises(PreflightError, match="backbone.weights: environment variable DCC_RESNET50_WEIGHTS is not set"):

@@ -175,6 +175,7 @@ def test_unusable_backbones_are_named_with_the_families_that_work(name, why):
     assert "Backbones that work: ResNet" in problem and "DINOv2" in problem and "ConvNeXt" in problem
 
 
+@pytest.mark.new_store
 def test_unusable_backbone_fails_before_any_run_exists(tiny_overrides, tmp_path):
     cfg = compose_cfg(tiny_overrides + ["backbone.name=swin_tiny_patch4_window7_224"])
     with pytest.raises(ConfigError, match="swin_tiny_patch4_window7_224.*Backbones that work"):

@@ -180,15 +180,17 @@ def _train_in(cfg: DictConfig, launch_dir: Path, device: torch.device, data: Any
             print(f"{pruned}, val mIoU {pruned.value:.2f}%: checkpoint kept in {run_dir}; continue it with "
                   f"{_job_command()}", flush=True)
         return float(pruned.value)
-    except (KeyboardInterrupt, SystemExit):
-        tracker.finish("KILLED")  # preempted or interrupted: the same command (or a requeue) continues it
-        _drop_if_empty(run_dir, created)
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        _drop_if_empty(run_dir, created)
+    except BaseException as exc:
+        _close_unfinished(tracker, run_dir, created, exc)
         raise
     return _record(cfg, tracker, run_dir, result)
+
+
+def _close_unfinished(tracker: Any, run_dir: Path, created: bool, exc: BaseException) -> None:
+    """A run that stops before its result: KILLED when preempted or interrupted (the same command, or a requeue,
+    continues it), FAILED otherwise; a run directory made for it and still empty is removed."""
+    tracker.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
+    _drop_if_empty(run_dir, created)
 
 
 def _decide(run_dir: Path, mode: str) -> resume.Decision:
@@ -260,8 +262,7 @@ def _open_run(cfg: DictConfig, launch_dir: Path, data: Any, run_dir: Path, *,
                 for path in write_split_manifest(manifest, run_dir / "split"):
                     tracker.log_artifact(path, "split")
     except BaseException as exc:
-        tracker.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
-        _drop_if_empty(run_dir, created)
+        _close_unfinished(tracker, run_dir, created, exc)
         raise
     log.info("run directory %s; %d labeled / %d unlabeled training images, %d validation images, %s",
              run_dir, len(data.labeled), len(data.unlabeled), len(data.val),
