@@ -215,11 +215,11 @@ def _report_finished(cfg: DictConfig, launch_dir: Path, decision: resume.Decisio
                   "compute what one computes (docs/several-gpus.md), so this finished run is this config's "
                   "result; trainer.resume=restart trains it again)", flush=True)
         _adopt(cfg, launch_dir, decision.result.get("mlflow_run_id"))
-        _report_to_trial(cfg, decision.result, run_dir)
-    return percent(float(decision.result["final_miou"]))
+        _report_to_trial(decision.result, run_dir, cfg.trainer.max_steps)
+    return percent(float(decision.result["final_miou"]))  # the job's value (Optuna's objective): in %
 
 
-def _report_to_trial(cfg: DictConfig, result: dict[str, Any], run_dir: Path) -> None:
+def _report_to_trial(result: dict[str, Any], run_dir: Path, max_steps: int) -> None:
     """A job of an Optuna trial that meets a finished run gives the sweeper the run's validation curve, as if it had
     trained it now: the trial then takes part in the pruner's rungs (without it, a met baseline sets no bar)."""
     from dcc.engine.trial_link import TrialLink
@@ -233,8 +233,7 @@ def _report_to_trial(cfg: DictConfig, result: dict[str, Any], run_dir: Path) -> 
             history = ckpt.load(run_dir / "last.pt").get("history", [])
         except ckpt.CheckpointError as exc:
             log.warning("%s: the trial gets the final value only", exc)
-    link.report(int(result["steps"]), [(int(s), percent(float(v))) for s, v in history or []],
-                cfg.trainer.max_steps)  # the job's value (Optuna's objective): in %
+    link.report(int(result["steps"]), [(int(s), percent(float(v))) for s, v in history or []], max_steps)
 
 
 def _open_run(cfg: DictConfig, launch_dir: Path, data: Any, run_dir: Path, *,
