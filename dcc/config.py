@@ -105,8 +105,8 @@ RESUME_CHOICES = ("auto", "true", "restart", "false")
 # Config keys (and groups) that do not change what a run computes: left out of the run directory's hash
 # and never a column of a report.
 RESULT_NEUTRAL_KEYS = (
-    "task", "predict", "preset", "preset_for", "logger", "dataset/root", "trainer/resume", "trainer/num_workers", "trainer/progress",
-    "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
+    "task", "predict", "preset", "preset_for", "logger", "dataset/root", "trainer/resume", "trainer/num_workers",
+    "trainer/progress", "trainer/log_every", "trainer/checkpoint_every", "trainer/eval_every", "trainer/eval_batch_size",
     "trainer/num_vis", "trainer/device", "trainer/runs_root", "trainer/threads",
     # The number of processes does not change what is computed, by design: the total batch, the data stream
     # and its augmentation, the loss normalisation and the negative bank are those of one process (see

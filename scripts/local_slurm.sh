@@ -37,7 +37,7 @@ stop_pidfile() {  # stop one daemon that this script started, by its pid file
 
 write_conf() {
     local cpus mem
-    cpus="$(nproc)"
+    cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # nproc alone reports OMP_NUM_THREADS when it is set
     mem="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
     cat > "$conf" <<CONF
 # Written by scripts/local_slurm.sh: a one-node cluster for trying sweeps; not for production.

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hydra.experimental.callback import Callback
@@ -22,6 +23,9 @@ from tests.conftest import ROOT
 from tests.test_sweep_parent import sweep_overrides, tracking_uri
 
 SCRIPT = ROOT / "scripts" / "local_slurm.sh"
+# One cluster per module: under pytest-xdist these tests all run in one worker, one after another.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 LAUNCH = ["hydra/launcher=slurm", "cluster@hydra.launcher=local_slurm", "hydra/callbacks=mlflow_parent"]
 
 
@@ -54,7 +58,9 @@ def slurm_env(tmp_path_factory):
     if why:
         pytest.skip(why)
     env = {**os.environ, "DCC_SLURM_DIR": str(tmp_path_factory.mktemp("slurm")), "DCC_SLURM_PORT": str(_free_port_pair())}
-    proc = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
+    # started as a user who exported OMP_NUM_THREADS=1 would (nproc alone then reports 1 core)
+    proc = subprocess.run(["bash", str(SCRIPT), "start"], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=180)
     assert proc.returncode == 0, f"scripts/local_slurm.sh start failed:\n{proc.stderr[-3000:]}"
     conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
     yield {**env, "SLURM_CONF": conf, "PYTHONPATH": str(ROOT)}
@@ -71,6 +77,11 @@ def _children(over):
     exp = client.get_experiment_by_name("digits")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`dcc.sweep` = 'true'")
     return client, parent, client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+
+def test_the_cluster_offers_every_core_whatever_omp_num_threads_says(slurm_env):
+    conf = Path(slurm_env["SLURM_CONF"]).read_text()
+    assert f" CPUs={len(os.sched_getaffinity(0))} " in conf, conf
 
 
 @pytest.mark.slow
