@@ -40,6 +40,10 @@ _FEATURE_KWARGS = ("out_indices", "feature_cls", "feature_cfg", "output_stride")
 _HOLDOUT = 200  # pretraining-pool digits kept out of training, for the accuracy figure
 _TEST_IMAGES = 1000
 _PARTIAL_EVERY = 50  # steps between saves of an unfinished pretraining (a killed run continues from there)
+# The weights depend on torch's thread count (the order of float sums; 600 steps turn that into different weights):
+# the pretraining always runs on one thread, so that the cached file is the same whichever process builds it (a
+# 2-thread `python run.py` or a 1-thread benchmark job). One thread: the file every documented benchmark used.
+_THREADS = 1
 
 
 def pretrain_params(ds: DatasetConfig, bb: BackboneConfig) -> dict[str, Any]:
@@ -51,6 +55,7 @@ def pretrain_params(ds: DatasetConfig, bb: BackboneConfig) -> dict[str, Any]:
         "num_images": int(pc.num_images), "image_size": int(pc.image_size),
         "digit_size": [int(v) for v in pc.digit_size], "stroke": int(sc.stroke), "seed": int(sc.seed),
         "mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std],
+        "threads": _THREADS,  # in the key, so that a file an earlier release built on other threads is rebuilt
     }
 
 
@@ -113,7 +118,17 @@ def pretrain(p: dict[str, Any], partial: Path | None = None) -> tuple[dict[str, 
     """Train the classifier; returns (backbone state dict without the head, {"accuracy", "seconds"}).
 
     With ``partial``, the state is saved there every :data:`_PARTIAL_EVERY` steps and an interrupted pretraining
-    with the same parameters continues from it (the same result as an uninterrupted one)."""
+    with the same parameters continues from it (the same result as an uninterrupted one). It runs on
+    ``p["threads"]`` torch threads, whatever the caller's, and gives the caller's back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(p["threads"])
+    try:
+        return _pretrain(p, partial)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(p: dict[str, Any], partial: Path | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     start = time.perf_counter()
     pool = digit_pools(p["seed"])["pretrain"]
     train_seq, test_seq, init_seq = np.random.SeedSequence([p["seed"], 0x7072]).spawn(3)
