@@ -466,7 +466,7 @@ def test_the_bench_pruner_trains_at_most_60_percent_of_the_steps_of_12_full_tria
     trials = _load(tmp_path, "b").trials
     # the pruner's share: a pruned trial counts the steps to the evaluation that pruned it, a complete one 1,500
     # (the job's own last step adds the time it took to see the stop file, which a loaded machine stretches)
-    allowed = {t.number: max(t.intermediate_values) if t.state == TrialState.PRUNED else 1500 for t in trials}
+    allowed = {t.number: t.user_attrs["pruned_at_step"] if t.state == TrialState.PRUNED else 1500 for t in trials}
     share = sum(allowed.values()) / (12 * 1500)
     assert share <= 0.6, share
     for j in launcher.jobs:  # and every job stopped before its next evaluation
